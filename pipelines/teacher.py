@@ -1,0 +1,55 @@
+"""Stage ``teacher``: train (or load) the dataset profile's teacher.
+
+    python -m pipelines.teacher --dataset digits
+
+Outputs ``models/<profile>/teacher.pt`` (weights + the config to rebuild them strictly)
+and ``models/<profile>/metrics.json`` (validation top-1/top-5, wall time).
+"""
+
+from __future__ import annotations
+
+import time
+
+from pipelines.common import base_parser, load_checked, run_main
+from wmdd import paths
+from wmdd.config import flatten
+from wmdd.data import load_prepared
+from wmdd.teacher import evaluate, save_teacher, train_teacher
+from wmdd.tracking import stage_run
+from wmdd.utils import atomic_file, derive_seed, peak_memory_mb, resolve_device, write_json
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = base_parser(__doc__).parse_args(argv)
+    params = load_checked(args.params)
+    profile = params.profile(args.dataset)
+    device = resolve_device(params.benchmark.device)
+    data_dir = paths.data_dir(args.dataset)
+    data = load_prepared(data_dir)
+    seed = derive_seed(params.benchmark.seed, args.dataset, "teacher")
+    with stage_run(experiment=params.benchmark.experiment, stage="teacher",
+                   run_name=f"teacher/{args.dataset}",
+                   tags={"dataset": args.dataset, "budget": profile.budget},
+                   params={**flatten(profile.teacher, "teacher."), "seed": seed},
+                   inputs=[data_dir], device=device) as mlflow:
+        start = time.perf_counter()
+        model, history = train_teacher(profile.teacher, data, seed=seed, device=device,
+                                       progress=not args.no_progress)
+        seconds = time.perf_counter() - start
+        for h in history:
+            mlflow.log_metrics({"train_loss": h["loss"], "val_top1_epoch": h["val_top1"]},
+                               step=h["epoch"])
+        acc = evaluate(model, data.val_x, data.val_y, batch_size=256, device=device,
+                       normalize=data.normalize)
+        metrics = {"val_top1": acc.top1, "val_top5": acc.top5, "seconds": seconds,
+                   "peak_mem_mb": peak_memory_mb(device)}
+        with atomic_file(paths.teacher_path(args.dataset)) as tmp:
+            save_teacher(model, tmp, model_cfg=profile.teacher.model, data=data,
+                         extra={"val_top1": acc.top1, "profile": args.dataset, "seed": seed})
+        mlflow.log_metrics(metrics)
+        write_json(paths.teacher_metrics_path(args.dataset),
+                   {**metrics, "mlflow_run_id": mlflow.active_run().info.run_id})
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,339 @@
+"""Typed, frozen configuration loaded from ``params.yaml`` (the single source of parameters).
+
+``params.yaml`` is parsed into frozen dataclasses by :func:`from_dict`, which is strict:
+an unknown key, a missing required key or a value of the wrong type raises
+:class:`ConfigError` with the dotted key path and what was expected, e.g.::
+
+    ConfigError: params.yaml: datasets.digits.teacher.epochs: expected int, got str 'ten'
+
+Layout of ``params.yaml``::
+
+    benchmark:   which dataset profiles, methods, IPCs and eval seeds the pipeline expands to
+    datasets:    one *profile* per (dataset, budget): data source, teacher recipe, protocol
+    methods:     one section per method (its own dataclass, see ``pipelines.registry``),
+                 with optional per-profile ``overrides``
+
+A *profile* (a key of ``datasets``) names one dataset at one budget, e.g. ``digits`` or
+``imagenette_cpu``; it is the unit that paths, DVC stages and the report are keyed by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A parameter file does not match the expected schema."""
+
+
+# --------------------------------------------------------------------------------------
+# Strict dict -> dataclass conversion
+# --------------------------------------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Converts ``value`` to type ``tp`` or raises ConfigError naming ``path``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path=path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        expected = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"{path}: expected {expected}, got {_describe(value)}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{path}: expected one of {choices}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected a list of {len(args)}, got {len(value)} items")
+            return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {_describe(value)}")
+        val_tp = args[1] if args else Any
+        return {str(k): _convert(v, val_tp, _join(path, k)) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected bool (true/false), got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected float, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected str, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a programming error
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path} {key}" if path.endswith(":") else f"{path}.{key}"
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def from_dict(cls: type[T], data: Any, *, path: str) -> T:
+    """Builds dataclass ``cls`` from a mapping, strictly.
+
+    Args:
+        cls: a (frozen) dataclass type.
+        data: the mapping read from YAML.
+        path: dotted key path used in error messages (e.g. ``"params.yaml: datasets.digits"``).
+
+    Raises:
+        ConfigError: on unknown keys, missing required keys or wrong types.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"expected keys: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}: missing required key {name!r}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass (or nested containers) -> plain JSON-able data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def short_hash(obj: Any, length: int = 10) -> str:
+    """A short, stable hash of a config (dataclass or plain data)."""
+    blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flattens nested config data into ``{"a.b.c": value}`` (for MLflow params)."""
+    data = to_dict(obj)
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        if not data and prefix:
+            out[prefix[:-1]] = "{}"
+    else:
+        out[prefix[:-1]] = data
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The schema
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str  # a name registered with wmdd.models.create_model
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the factory
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str  # dataset registry name (wmdd.data.registry), e.g. "digits", "imagefolder"
+    source: str = "builtin"  # "builtin", a local directory/archive path, or "download"
+    resolution: int = 0  # side of the square images the pipeline works at; 0 = native
+    val_fraction: float = 0.2  # for sources without a validation split (digits)
+    split_seed: int = 0  # seed of the stratified train/val split when one is made
+    skip_corrupt: bool = False  # skip unreadable images (counted) instead of failing
+    sha256: str = ""  # expected SHA-256 of an archive source ("" = not checked)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: ModelConfig  # teacher architecture
+    epochs: int = 50  # training epochs
+    batch_size: int = 32  # training batch size
+    lr: float = 0.025  # SGD learning rate (cosine-decayed per step to 0)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale range
+    flip: bool = True  # random horizontal flip during training
+
+
+@dataclass(frozen=True)
+class SoftProtocolConfig:
+    """The soft-label relabel + evaluation protocol (PROTOCOL.md, primary)."""
+
+    student: ModelConfig  # the dataset's evaluation model, trained from scratch
+    epochs: int = 300  # relabel/student epochs E
+    batch_size: int = 100  # student batch size b; b = min(batch_size, N synthetic images)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale range
+    flip: bool = True  # random horizontal flip per view
+    cutmix_alpha: float = 1.0  # CutMix lambda ~ Beta(alpha, alpha)
+    temperature: float = 20.0  # KD temperature T
+    t2_factor: bool = False  # multiply the KD loss by T^2 (off in the published setting)
+    lr: float = 1e-3  # AdamW learning rate (cosine per epoch to 0)
+    weight_decay: float = 0.01  # AdamW weight decay, on parameters with ndim > 1 only
+    relabel_mode: Literal["stored", "online"] = "stored"  # precomputed or on-the-fly labels
+    label_dtype: Literal["float16", "float32"] = "float16"  # soft-label precision (both modes)
+    eval_interval: int = 1  # validate every this many epochs (and always at the last)
+    eval_batch_size: int = 256  # batch size for validation
+
+
+@dataclass(frozen=True)
+class HardProtocolConfig:
+    """The hard-label protocol of the DC/DSA/DM lineage (PROTOCOL.md, secondary)."""
+
+    student: ModelConfig  # a fresh ConvNet, depth by resolution
+    epochs: int = 1000  # training epochs
+    batch_size: int = 256  # batch size
+    lr: float = 0.01  # SGD learning rate, x0.1 at the midpoint
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # SGD weight decay
+    dsa: bool = True  # DSA augmentation on every batch
+    eval_batch_size: int = 256  # batch size for validation
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    kind: Literal["soft", "hard"]  # which protocol evaluates every method of this profile
+    soft: SoftProtocolConfig | None = None  # settings of the soft-label protocol
+    hard: HardProtocolConfig | None = None  # settings of the hard-label protocol
+
+    def selected(self) -> SoftProtocolConfig | HardProtocolConfig:
+        """The settings of the selected protocol."""
+        chosen = self.soft if self.kind == "soft" else self.hard
+        if chosen is None:
+            raise ConfigError(f"protocol.kind is {self.kind!r} but protocol.{self.kind} is missing")
+        return chosen
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """One dataset at one budget."""
+
+    budget: str  # label shown in reports, e.g. "cpu" or "gpu (published)"
+    data: DataConfig  # where the data comes from and how it is prepared
+    teacher: TeacherConfig  # the teacher recipe
+    protocol: ProtocolConfig  # the one relabel/eval protocol for every method
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    datasets: tuple[str, ...]  # profiles (keys of `datasets`) the pipeline expands to
+    methods: tuple[str, ...]  # methods (keys of `methods`) the pipeline expands to
+    ipcs: tuple[int, ...]  # images per class
+    eval_seeds: tuple[int, ...]  # student seeds per cell (>= 3 for a table)
+    seed: int = 0  # base seed; all randomness derives from it
+    experiment: str = "wmdd-benchmark"  # MLflow experiment name
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+
+
+@dataclass(frozen=True)
+class Params:
+    benchmark: BenchmarkConfig
+    datasets: dict[str, ProfileConfig]
+    methods: dict[str, dict[str, Any]]  # validated per method by pipelines.registry
+
+    def profile(self, name: str) -> ProfileConfig:
+        """The profile ``name`` or a ConfigError listing the known ones."""
+        if name not in self.datasets:
+            raise ConfigError(
+                f"unknown dataset profile {name!r}; known: {', '.join(sorted(self.datasets))}"
+            )
+        return self.datasets[name]
+
+
+def _check_benchmark(params: Params, source: str) -> None:
+    bench = params.benchmark
+    for name in bench.datasets:
+        if name not in params.datasets:
+            raise ConfigError(
+                f"{source}: benchmark.datasets: {name!r} is not a key of `datasets` "
+                f"(known: {', '.join(sorted(params.datasets))})"
+            )
+    for name in bench.methods:
+        if name not in params.methods:
+            raise ConfigError(
+                f"{source}: benchmark.methods: {name!r} is not a key of `methods` "
+                f"(known: {', '.join(sorted(params.methods))})"
+            )
+    for i, ipc in enumerate(bench.ipcs):
+        if ipc < 1:
+            raise ConfigError(f"{source}: benchmark.ipcs[{i}]: expected a positive int, got {ipc}")
+    if not bench.eval_seeds:
+        raise ConfigError(f"{source}: benchmark.eval_seeds: expected at least one seed")
+    for name, prof in params.datasets.items():
+        try:
+            prof.protocol.selected()
+        except ConfigError as err:
+            raise ConfigError(f"{source}: datasets.{name}.{err}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Loads and validates ``params.yaml``.
+
+    Raises:
+        ConfigError: naming the file and the offending key.
+        FileNotFoundError: if the file does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"parameter file {path} not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    params = from_dict(Params, raw, path=f"{path.name}:")
+    _check_benchmark(params, path.name)
+    return params

@@ -1,0 +1,58 @@
+"""The prepare step: read a dataset from its source and write its prepared, versioned form."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from wmdd.config import DataConfig, to_dict
+from wmdd.data.prepared import PreparedData, channel_stats, save_prepared
+from wmdd.data.registry import get_dataset
+
+log = logging.getLogger(__name__)
+
+
+def _check_raw(raw, name: str) -> None:
+    for split, x, y in (("train", raw.train_x, raw.train_y), ("val", raw.val_x, raw.val_y)):
+        if x.ndim != 4 or len(x) != len(y):
+            raise ValueError(f"{name}: reader returned malformed {split} tensors {tuple(x.shape)}")
+        if int(y.min()) < 0 or int(y.max()) >= len(raw.classes):
+            raise ValueError(f"{name}: {split} labels outside 0..{len(raw.classes) - 1}")
+
+
+def prepare_dataset(cfg: DataConfig, out_dir: Path) -> dict:
+    """Reads ``cfg``'s source and writes ``data.pt`` + ``manifest.json`` into ``out_dir``.
+
+    The caller passes a temporary directory (see ``wmdd.utils.atomic_dir``) so that a
+    failure leaves no partial output. Returns the manifest.
+    """
+    info, reader = get_dataset(cfg.name)
+    raw = reader(cfg, out_dir)
+    _check_raw(raw, cfg.name)
+    if info.mean is not None and info.std is not None:
+        mean, std = info.mean, info.std
+    else:
+        mean, std = channel_stats(raw.train_x)
+    data = PreparedData(
+        name=cfg.name,
+        classes=raw.classes,
+        mean=tuple(mean),
+        std=tuple(std),
+        train_x=raw.train_x.contiguous(),
+        train_y=raw.train_y,
+        val_x=raw.val_x.contiguous(),
+        val_y=raw.val_y,
+    )
+    if raw.skipped:
+        log.warning("skipped %d unreadable images (data.skip_corrupt: true)", len(raw.skipped))
+    return save_prepared(
+        data,
+        out_dir,
+        {
+            "description": info.description,
+            "config": to_dict(cfg),
+            "source_sha256": raw.source_sha256,
+            "val_split_name": raw.val_split_name,
+            "skipped": {"count": len(raw.skipped), "files": list(raw.skipped)},
+        },
+    )

@@ -1,0 +1,138 @@
+"""The prepared, versioned form of a dataset that every stage after ``prepare`` reads.
+
+``data/<profile>/`` holds two files (both DVC outputs):
+
+* ``data.pt`` — uint8 image tensors ``train_x`` (N, C, R, R), ``val_x`` and int64 labels;
+* ``manifest.json`` — class index, counts per split and class, resolution, normalisation
+  mean/std, checksums of ``data.pt`` and of the source, skipped files.
+
+Convention used everywhere downstream: images handed to models, methods and the
+protocol are float tensors in the dataset's *normalised* space ``(x / 255 - mean) / std``;
+distilled sets are stored in that space too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from wmdd.utils import file_digest, read_json, write_json
+
+DATA_FILE = "data.pt"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class PreparedData:
+    """A prepared dataset in memory (small datasets are cached whole as uint8)."""
+
+    name: str  # registry name
+    classes: list[str]  # class names, index = label
+    mean: tuple[float, ...]  # per-channel normalisation mean (of [0, 1] pixels)
+    std: tuple[float, ...]  # per-channel normalisation std
+    train_x: Tensor  # (N, C, R, R) uint8
+    train_y: Tensor  # (N,) int64
+    val_x: Tensor  # (M, C, R, R) uint8
+    val_y: Tensor  # (M,) int64
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.train_x.shape[-1])
+
+    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=like.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=like.device).view(-1, 1, 1)
+        return mean, std
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """uint8 (N, C, H, W) -> float normalised space."""
+        mean, std = self._stats(x)
+        return (x.float() / 255.0 - mean) / std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Normalised space -> [0, 1] pixels (clamped), for previews."""
+        mean, std = self._stats(x)
+        return (x * std + mean).clamp(0, 1)
+
+    def pixel_bounds(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """Per-channel (lo, hi) of valid pixels in normalised space, each (1, C, 1, 1)."""
+        mean, std = self._stats(torch.empty(0, device=device))
+        return ((0 - mean) / std).unsqueeze(0), ((1 - mean) / std).unsqueeze(0)
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        y = self.train_y if split == "train" else self.val_y
+        return torch.bincount(y, minlength=self.num_classes).tolist()
+
+    def train_of_class(self, c: int) -> Tensor:
+        """uint8 training images of class ``c``, in dataset order: (n_c, C, R, R)."""
+        return self.train_x[self.train_y == c]
+
+
+def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, as [0, 1] pixel statistics."""
+    xf = x.double() / 255.0
+    mean = xf.mean(dim=(0, 2, 3))
+    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
+
+
+def save_prepared(data: PreparedData, out_dir: Path, extra_manifest: dict) -> dict:
+    """Writes ``data.pt`` and ``manifest.json`` into ``out_dir``; returns the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"train_x": data.train_x, "train_y": data.train_y, "val_x": data.val_x, "val_y": data.val_y},
+        out_dir / DATA_FILE,
+    )
+    manifest = {
+        "dataset": data.name,
+        "classes": data.classes,
+        "class_index": {name: i for i, name in enumerate(data.classes)},
+        "channels": data.channels,
+        "resolution": data.resolution,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "counts": {
+            "train": len(data.train_y),
+            "val": len(data.val_y),
+            "train_per_class": data.class_counts("train"),
+            "val_per_class": data.class_counts("val"),
+        },
+        "checksums": {DATA_FILE: file_digest(out_dir / DATA_FILE)},
+        **extra_manifest,
+    }
+    write_json(out_dir / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def load_prepared(data_dir: str | Path, *, verify: bool = False) -> PreparedData:
+    """Loads a prepared dataset written by the ``prepare`` stage.
+
+    Args:
+        data_dir: ``data/<profile>``.
+        verify: also check ``data.pt`` against the manifest's SHA-256.
+    """
+    data_dir = Path(data_dir)
+    manifest = read_json(data_dir / MANIFEST_FILE)
+    if verify:
+        digest = file_digest(data_dir / DATA_FILE)
+        if digest != manifest["checksums"][DATA_FILE]:
+            raise ValueError(f"{data_dir / DATA_FILE}: checksum does not match its manifest")
+    tensors = torch.load(data_dir / DATA_FILE, weights_only=True)
+    return PreparedData(
+        name=manifest["dataset"],
+        classes=list(manifest["classes"]),
+        mean=tuple(manifest["mean"]),
+        std=tuple(manifest["std"]),
+        **tensors,
+    )

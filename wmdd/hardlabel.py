@@ -1,0 +1,53 @@
+"""The hard-label protocol of the DC / DSA / DM lineage (PROTOCOL.md, secondary).
+
+A fresh ConvNet trained with cross-entropy on the synthetic images' hard labels: SGD
+(lr 0.01, momentum 0.9, weight decay 5e-4), batch 256, 1000 epochs, lr x0.1 at the
+midpoint, DSA on every batch (one family per batch, per-image parameters, as the official
+``evaluate_synset``), final-epoch accuracy on the full validation split. It exists to tie
+DM back to its published numbers; the soft-label protocol is the suite's headline.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from wmdd.config import HardProtocolConfig
+from wmdd.dsa import DSAConfig, dsa
+from wmdd.teacher import evaluate
+from wmdd.utils import generator
+
+
+def train_student_hard(*, student: nn.Module, images: Tensor, labels: Tensor, val_x: Tensor,
+                       val_y: Tensor, cfg: HardProtocolConfig, seed: int, device: torch.device,
+                       normalize=None, progress: bool = True) -> dict:
+    """Trains ``student`` on ``(images, labels)`` with cross-entropy; same result dict as
+    :func:`wmdd.protocol.train_student_soft` (``best_*`` from the final evaluation only)."""
+    student.to(device).train()
+    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[cfg.epochs // 2], gamma=0.1)
+    gen = generator(seed, "hard-label")
+    images, labels = images.to(device), labels.to(device)
+    dsa_cfg = DSAConfig()
+    for e in tqdm(range(cfg.epochs), desc="student (hard)", unit="epoch", disable=not progress):
+        order = torch.randperm(len(images), generator=gen).to(device)
+        for start in range(0, len(images), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            x = images[idx]
+            if cfg.dsa:
+                x, _ = dsa(x, generator=gen, config=dsa_cfg, siamese=False)
+            loss = F.cross_entropy(student(x), labels[idx])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"student (hard): non-finite loss at epoch {e}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    acc = evaluate(student, val_x, val_y, batch_size=cfg.eval_batch_size, device=device,
+                   normalize=normalize)
+    history = [{"epoch": cfg.epochs, "loss": float(loss), "top1": acc.top1, "top5": acc.top5}]
+    return {"top1": acc.top1, "top5": acc.top5, "best_top1": acc.top1,
+            "best_epoch": cfg.epochs, "history": history}

@@ -1,0 +1,36 @@
+"""Where each stage reads and writes, relative to the project root (mirrored by dvc.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def data_dir(profile: str) -> Path:
+    return Path("data") / profile
+
+
+def teacher_dir(profile: str) -> Path:
+    return Path("models") / profile
+
+
+def teacher_path(profile: str) -> Path:
+    return teacher_dir(profile) / "teacher.pt"
+
+
+def teacher_metrics_path(profile: str) -> Path:
+    return teacher_dir(profile) / "metrics.json"
+
+
+def distilled_dir(profile: str, method: str, ipc: int) -> Path:
+    return Path("distilled") / profile / method / f"ipc{ipc}"
+
+
+def labels_dir(profile: str, method: str, ipc: int) -> Path:
+    return Path("labels") / profile / method / f"ipc{ipc}"
+
+
+def results_path(profile: str, method: str, ipc: int) -> Path:
+    return Path("results") / profile / method / f"ipc{ipc}" / "metrics.json"
+
+
+REPORTS = Path("reports")

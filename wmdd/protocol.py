@@ -1,0 +1,282 @@
+"""The one relabel + evaluation protocol (PROTOCOL.md). It never knows which method
+produced a synthetic set.
+
+Soft-label protocol (primary; the SRe2L / WMDD lineage):
+
+* Relabel: for each epoch e, a seeded permutation of the synthetic set, split into batches
+  of ``b = min(batch_size, N)`` images (for 10-class datasets with IPC < 10 this is the
+  published ``b = 10 * IPC``). Per image a RandomResizedCrop box and a flip, per batch one
+  CutMix draw (lambda ~ Beta(1, 1), one box, one permutation). The teacher's logits on the
+  mixed batch are the soft labels; the temperature is applied at training time.
+* Two relabel modes give identical targets for the same seed: ``stored`` precomputes and
+  stores the explicit index order, crop boxes, flips, CutMix parameters and the logits of
+  every epoch/batch (what the papers did), and training replays them; ``online`` draws the
+  same parameters from the same seed and runs the teacher during training. Logits are
+  rounded to ``label_dtype`` in both modes, which is what makes them bit-identical.
+* Student: the dataset's evaluation model from scratch (init seeded by the eval seed),
+  ``KL(softmax(t / T) || softmax(s / T))`` summed over classes and averaged over the batch
+  (T = 20, no T^2 factor unless ``t2_factor``), AdamW (weight decay on ndim > 1 parameters
+  only), cosine decay per epoch to 0. Validation on the full validation split; the headline
+  is the final epoch's top-1, with top-5 and the best epoch's top-1 recorded separately.
+
+The eval seed drives the student init, the relabel views and the data order; the derived
+seeds do not depend on the method, so every method sees the same random views
+(common random numbers make the method comparison paired).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from wmdd.augment import (
+    CutMixParams,
+    apply_cutmix,
+    apply_flips,
+    resized_crops,
+    sample_crop_boxes,
+    sample_cutmix,
+    sample_flips,
+)
+from wmdd.config import ModelConfig, SoftProtocolConfig
+from wmdd.models import create_model
+from wmdd.teacher import evaluate
+from wmdd.utils import derive_seed, generator, seeded_init
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Everything random about one relabel batch."""
+
+    indices: Tensor  # (b,) int64, images of the synthetic set in this batch
+    boxes: Tensor  # (b, 4) int64 crop boxes (top, left, h, w)
+    flips: Tensor  # (b,) bool
+    cutmix: CutMixParams  # one CutMix draw for the batch
+
+
+def batch_size_for(cfg: SoftProtocolConfig, n_images: int) -> int:
+    return min(cfg.batch_size, n_images)
+
+
+def plan_epoch(n_images: int, resolution: int, cfg: SoftProtocolConfig, *, seed: int,
+               epoch: int) -> list[BatchPlan]:
+    """The relabel views of one epoch, drawn from ``(seed, epoch)`` alone."""
+    gen = generator(seed, "relabel", epoch)
+    b = batch_size_for(cfg, n_images)
+    order = torch.randperm(n_images, generator=gen)
+    plans = []
+    for start in range(0, n_images, b):
+        idx = order[start : start + b]
+        boxes = sample_crop_boxes(len(idx), resolution, resolution, scale=cfg.crop_scale,
+                                  generator=gen)
+        flips = sample_flips(len(idx), generator=gen, p=0.5 if cfg.flip else 0.0)
+        cutmix = sample_cutmix(len(idx), resolution, resolution, alpha=cfg.cutmix_alpha,
+                               generator=gen)
+        plans.append(BatchPlan(idx, boxes, flips, cutmix))
+    return plans
+
+
+def make_views(images: Tensor, plan: BatchPlan) -> Tensor:
+    """The student/teacher input of one batch: crops, flips, then CutMix. (b, C, R, R)."""
+    x = images[plan.indices.to(images.device)]
+    x = resized_crops(x, plan.boxes, images.shape[-1])
+    x = apply_flips(x, plan.flips)
+    return apply_cutmix(x, plan.cutmix)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float16": torch.float16, "float32": torch.float32}[name]
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, views: Tensor, dtype: torch.dtype) -> Tensor:
+    """Soft labels: the teacher's logits, rounded to the storage dtype. (b, K)."""
+    return teacher(views).to(dtype)
+
+
+class OnlineLabels:
+    """Relabel mode ``online``: views drawn from the seed, the teacher runs during training."""
+
+    def __init__(self, teacher: nn.Module, cfg: SoftProtocolConfig, *, seed: int):
+        self.teacher, self.cfg, self.seed = teacher, cfg, seed
+
+    def epoch(self, epoch: int, images: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yields ``(views, targets)`` for every batch of ``epoch``."""
+        res = images.shape[-1]
+        for plan in plan_epoch(len(images), res, self.cfg, seed=self.seed, epoch=epoch):
+            views = make_views(images, plan)
+            yield views, teacher_logits(self.teacher, views, _dtype(self.cfg.label_dtype))
+
+
+@dataclass
+class StoredLabels:
+    """Relabel mode ``stored``: every epoch's parameters and fp16 logits, replayed exactly.
+
+    Tensors are stacked over epochs ``E``; ``N`` synthetic images; batches are consecutive
+    slices of ``order`` of size ``batch_size``.
+    """
+
+    seed: int  # the derived relabel seed (for provenance)
+    batch_size: int  # b
+    order: Tensor  # (E, N) int64, explicit index order per epoch
+    boxes: Tensor  # (E, N, 4) int32 crop boxes, aligned with ``order``
+    flips: Tensor  # (E, N) bool, aligned with ``order``
+    cutmix_lam: Tensor  # (E, B) float64 Beta draws, B = batches per epoch
+    cutmix_box: Tensor  # (E, B, 4) int32 (y1, y2, x1, x2)
+    cutmix_perm: Tensor  # (E, N) int64, within-batch permutations, concatenated
+    logits: Tensor  # (E, N, K) soft labels in the storage dtype, aligned with ``order``
+
+    @classmethod
+    def compute(cls, teacher: nn.Module, images: Tensor, cfg: SoftProtocolConfig, *, seed: int,
+                progress: bool = True) -> StoredLabels:
+        """Draws every epoch's views and stores them with the teacher's logits."""
+        res = images.shape[-1]
+        fields: dict[str, list] = {k: [] for k in
+                                   ("order", "boxes", "flips", "lam", "cbox", "perm", "logits")}
+        for e in tqdm(range(cfg.epochs), desc="relabel", unit="epoch", disable=not progress):
+            plans = plan_epoch(len(images), res, cfg, seed=seed, epoch=e)
+            logits = [teacher_logits(teacher, make_views(images, p), _dtype(cfg.label_dtype))
+                      for p in plans]
+            fields["order"].append(torch.cat([p.indices for p in plans]))
+            fields["boxes"].append(torch.cat([p.boxes for p in plans]).int())
+            fields["flips"].append(torch.cat([p.flips for p in plans]))
+            fields["lam"].append(torch.tensor([p.cutmix.lam for p in plans], dtype=torch.float64))
+            fields["cbox"].append(torch.tensor([p.cutmix.box for p in plans], dtype=torch.int32))
+            fields["perm"].append(torch.cat([p.cutmix.perm for p in plans]))
+            fields["logits"].append(torch.cat(logits).cpu())
+        s = {k: torch.stack(v) for k, v in fields.items()}
+        return cls(seed, batch_size_for(cfg, len(images)), s["order"], s["boxes"], s["flips"],
+                   s["lam"], s["cbox"], s["perm"], s["logits"])
+
+    @property
+    def epochs(self) -> int:
+        return int(self.order.shape[0])
+
+    def plans(self, epoch: int) -> Iterator[tuple[BatchPlan, Tensor]]:
+        """The stored plan and logits of every batch of ``epoch``."""
+        n, b = self.order.shape[1], self.batch_size
+        for bi, start in enumerate(range(0, n, b)):
+            sl = slice(start, start + b)
+            cutmix = CutMixParams(float(self.cutmix_lam[epoch, bi]),
+                                  tuple(int(v) for v in self.cutmix_box[epoch, bi]),
+                                  self.cutmix_perm[epoch, sl])
+            plan = BatchPlan(self.order[epoch, sl], self.boxes[epoch, sl].long(),
+                             self.flips[epoch, sl], cutmix)
+            yield plan, self.logits[epoch, sl]
+
+    def epoch(self, epoch: int, images: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yields the replayed ``(views, targets)`` for every batch of ``epoch``."""
+        for plan, logits in self.plans(epoch):
+            yield make_views(images, plan), logits.to(images.device)
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def save(self, path: Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: Path) -> StoredLabels:
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values()
+                   if isinstance(t, Tensor))
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+            t2_factor: bool = False) -> Tensor:
+    """``KL(softmax(t/T) || softmax(s/T))`` summed over classes, mean over the batch."""
+    loss = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits.float() / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
+    return loss * temperature**2 if t2_factor else loss
+
+
+def relabel_seed(base_seed: int, profile: str, ipc: int, eval_seed: int) -> int:
+    """Seed of the relabel views of one eval seed; independent of the method on purpose."""
+    return derive_seed(base_seed, profile, ipc, "relabel", eval_seed)
+
+
+def student_seed(base_seed: int, profile: str, ipc: int, eval_seed: int) -> int:
+    return derive_seed(base_seed, profile, ipc, "student", eval_seed)
+
+
+def build_student(model_cfg: ModelConfig, *, num_classes: int, in_chans: int, resolution: int,
+                  seed: int) -> nn.Module:
+    with seeded_init(seed):
+        return create_model(model_cfg.name, num_classes=num_classes, in_chans=in_chans,
+                            resolution=resolution, **model_cfg.kwargs)
+
+
+def _adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def train_student_soft(
+    *,
+    student: nn.Module,
+    labels: StoredLabels | OnlineLabels,
+    images: Tensor,
+    val_x: Tensor,
+    val_y: Tensor,
+    cfg: SoftProtocolConfig,
+    device: torch.device,
+    normalize=None,
+    progress: bool = True,
+) -> dict:
+    """Trains ``student`` on relabelled views of ``images``; validates on the full split.
+
+    Args:
+        images: (N, C, R, R) synthetic set in normalised space, on ``device``.
+        val_x, val_y: the full validation split (uint8 + ``normalize``, or normalised).
+
+    Returns:
+        ``{"top1", "top5", "best_top1", "best_epoch", "history": [{epoch, loss, top1, top5}]}``.
+    """
+    student.to(device).train()
+    opt = _adamw(student, cfg.lr, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
+    history: list[dict] = []
+    bar = tqdm(range(cfg.epochs), desc="student", unit="epoch", disable=not progress)
+    for e in bar:
+        student.train()
+        total, count = 0.0, 0
+        for views, targets in labels.epoch(e, images):
+            loss = kd_loss(student(views), targets, cfg.temperature, cfg.t2_factor)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"student: non-finite loss at epoch {e}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * len(views), count + len(views)
+        sched.step()
+        if (e + 1) % cfg.eval_interval == 0 or e + 1 == cfg.epochs:
+            acc = evaluate(student, val_x, val_y, batch_size=cfg.eval_batch_size, device=device,
+                           normalize=normalize)
+            history.append({"epoch": e + 1, "loss": total / count, "top1": acc.top1,
+                            "top5": acc.top5})
+            bar.set_postfix(loss=f"{total / count:.3f}", top1=f"{acc.top1:.1f}")
+    best = max(history, key=lambda h: h["top1"])
+    return {"top1": history[-1]["top1"], "top5": history[-1]["top5"],
+            "best_top1": best["top1"], "best_epoch": best["epoch"], "history": history}
+
+
+def protocol_hash(protocol, *, eval_seeds, base_seed: int) -> str:
+    """Short hash of everything that defines the protocol of a profile: the selected
+    protocol's settings (student model included), the eval seeds and the base seed."""
+    from wmdd.config import short_hash, to_dict
+
+    return short_hash({"kind": protocol.kind, "settings": to_dict(protocol.selected()),
+                       "eval_seeds": list(eval_seeds), "base_seed": base_seed})

@@ -1,0 +1,99 @@
+"""The synthetic-set contract between methods and the protocol, its storage and preview.
+
+A method returns a :class:`SyntheticSet`: images in the dataset's **normalised** space
+(N, C, H, W) float32, integer labels (N,), optional per-image weights. Sets are stored
+losslessly (``set.pt``); an optional JPEG round trip (what the official WMDD/SRe2L code
+saved) is applied by :func:`jpeg_roundtrip` when a method asks for it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+SET_FILE = "set.pt"
+PREVIEW_FILE = "preview.png"
+META_FILE = "meta.json"
+
+
+@dataclass
+class SyntheticSet:
+    images: Tensor  # (N, C, H, W) float32, normalised space
+    labels: Tensor  # (N,) int64
+    weights: Tensor | None = None  # (N,) optional per-image weights
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or len(self.images) != len(self.labels):
+            raise ValueError(
+                f"synthetic set: expected images (N, C, H, W) and labels (N,), got "
+                f"{tuple(self.images.shape)} and {tuple(self.labels.shape)}"
+            )
+        if not torch.isfinite(self.images).all():
+            raise FloatingPointError("synthetic set contains non-finite pixels")
+
+    def save(self, path: Path) -> None:
+        torch.save({"images": self.images.float().cpu().contiguous(),
+                    "labels": self.labels.long().cpu(),
+                    "weights": None if self.weights is None else self.weights.float().cpu()},
+                   path)
+
+    @classmethod
+    def load(cls, path: Path) -> SyntheticSet:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} not found (run the distill stage first)")
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+    @staticmethod
+    def concat(parts: list[SyntheticSet]) -> SyntheticSet:
+        weights = None
+        if any(p.weights is not None for p in parts):
+            weights = torch.cat([p.weights if p.weights is not None else torch.ones(len(p.labels))
+                                 for p in parts])
+        return SyntheticSet(torch.cat([p.images for p in parts]),
+                            torch.cat([p.labels for p in parts]), weights)
+
+
+def to_uint8(pixels: Tensor) -> np.ndarray:
+    """[0, 1] float (C, H, W) -> (H, W, C) or (H, W) uint8 array."""
+    arr = pixels.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+def jpeg_roundtrip(pixels: Tensor, quality: int = 75) -> Tensor:
+    """Encodes [0, 1] images (N, C, H, W) as JPEG at ``quality`` and decodes them back."""
+    out = []
+    for img in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(to_uint8(img)).save(buf, format="JPEG", quality=quality)
+        decoded = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255.0
+        decoded = decoded[..., None] if decoded.ndim == 2 else decoded
+        out.append(torch.from_numpy(decoded).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def preview_grid(pixels: Tensor, labels: Tensor, num_classes: int, *, max_classes: int = 10,
+                 max_per_class: int = 10, upscale_to: int = 48) -> Image.Image:
+    """A grid image: one row per class (first ``max_classes``), up to ``max_per_class`` images.
+
+    Args:
+        pixels: (N, C, H, W) in [0, 1].
+    """
+    classes = list(range(min(num_classes, max_classes)))
+    per_class = [pixels[labels == c][:max_per_class] for c in classes]
+    cols = max(1, max(len(p) for p in per_class))
+    side = pixels.shape[-1]
+    scale = max(1, upscale_to // side)
+    cell = side * scale + 2
+    canvas = Image.new("RGB", (cols * cell, len(classes) * cell), "white")
+    for r, imgs in enumerate(per_class):
+        for c, img in enumerate(imgs):
+            tile = Image.fromarray(to_uint8(img)).convert("RGB")
+            tile = tile.resize((side * scale, side * scale), Image.Resampling.NEAREST)
+            canvas.paste(tile, (c * cell + 1, r * cell + 1))
+    return canvas
