@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from pipelines.common import base_parser, load_checked, run_main
 from pipelines.registry import get_method, method_config
 from wmdd import paths
 from wmdd.config import flatten, to_dict
 from wmdd.data import load_prepared
-from wmdd.synthetic import META_FILE, PREVIEW_FILE, SET_FILE, preview_grid
+from wmdd.synthetic import AUX_FILE, META_FILE, PREVIEW_FILE, SET_FILE, preview_grid
 from wmdd.teacher import load_teacher
 from wmdd.tracking import stage_run
 from wmdd.utils import (atomic_dir, derive_seed, peak_memory_mb, reset_peak_memory,
@@ -63,12 +65,16 @@ def main(argv: list[str] | None = None) -> None:
         synthetic = spec.fn(teacher=teacher, data=data, classes=classes, ipc=args.ipc,
                             config=config, seed=seed, device=device)
         seconds = time.perf_counter() - start
-        metrics = {"distill_seconds": seconds, "peak_mem_mb": peak_memory_mb(device),
+        timings = {f"time_{k}_seconds": float(v)
+                   for k, v in synthetic.aux.pop("timings", {}).items()}
+        metrics = {**timings, "distill_seconds": seconds, "peak_mem_mb": peak_memory_mb(device),
                    "images": len(synthetic.labels),
                    "images_per_second": len(synthetic.labels) / max(seconds, 1e-9)}
         grid = preview_grid(data.denormalize(synthetic.images), synthetic.labels, data.num_classes)
         with atomic_dir(paths.distilled_dir(args.dataset, args.method, args.ipc)) as tmp:
             synthetic.save(tmp / SET_FILE)
+            if synthetic.aux:
+                torch.save(synthetic.aux, tmp / AUX_FILE)
             grid.save(tmp / PREVIEW_FILE)
             write_json(tmp / META_FILE, {**tags, "config": to_dict(config), "seed": seed,
                                          **metrics, "mlflow_run_id": mlflow.active_run().info.run_id})

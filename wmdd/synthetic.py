@@ -9,8 +9,9 @@ saved) is applied by :func:`jpeg_roundtrip` when a method asks for it.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 SET_FILE = "set.pt"
+AUX_FILE = "aux.pt"
 PREVIEW_FILE = "preview.png"
 META_FILE = "meta.json"
 
@@ -27,6 +29,10 @@ class SyntheticSet:
     images: Tensor  # (N, C, H, W) float32, normalised space
     labels: Tensor  # (N,) int64
     weights: Tensor | None = None  # (N,) optional per-image weights
+    # Side outputs a method wants versioned with the set (saved to aux.pt by the distill
+    # stage), e.g. WMDD's barycenters and per-class BN statistics; "timings" (a dict of
+    # seconds per phase) is logged to MLflow as metrics.
+    aux: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or len(self.images) != len(self.labels):
@@ -48,15 +54,6 @@ class SyntheticSet:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path} not found (run the distill stage first)")
         return cls(**torch.load(path, map_location="cpu", weights_only=True))
-
-    @staticmethod
-    def concat(parts: list[SyntheticSet]) -> SyntheticSet:
-        weights = None
-        if any(p.weights is not None for p in parts):
-            weights = torch.cat([p.weights if p.weights is not None else torch.ones(len(p.labels))
-                                 for p in parts])
-        return SyntheticSet(torch.cat([p.images for p in parts]),
-                            torch.cat([p.labels for p in parts]), weights)
 
 
 def to_uint8(pixels: Tensor) -> np.ndarray:
