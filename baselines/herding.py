@@ -12,13 +12,37 @@ mean :math:`\\mu = \\frac{1}{n} \\sum_i \\phi_i`, herding greedily picks, at ste
 
 so that the running mean of the selected features tracks the class mean. Ties go to the
 lowest index. Feature extraction (and any normalisation, e.g. iCaRL's L2 normalisation) is the
-caller's business: this module only sees the feature matrix.
+caller's business: :func:`herding_select` only sees the feature matrix.
+
+The benchmark method :func:`herding` uses the teacher's penultimate features
+:math:`\\phi(x)` (``teacher.forward_features``, eval mode, no L2 normalisation) of every training
+image of a class, in the dataset's normalised space, and returns the selected real images.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from baselines.random_subset import check_ipc
+from wmdd.data.prepared import PreparedData
+from wmdd.synthetic import SyntheticSet
+
+
+@dataclass(frozen=True)
+class HerdingConfig:
+    """Settings of the herding baseline."""
+
+    # Images per teacher forward pass when extracting features.
+    feature_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.feature_batch_size < 1:
+            raise ValueError(f"feature_batch_size must be >= 1, got {self.feature_batch_size}")
 
 
 def herding_select(features: Tensor, k: int) -> Tensor:
@@ -62,3 +86,73 @@ def _first_argmin(values: Tensor) -> int:
     """Index of the smallest entry of a 1-D tensor; the lowest index among exact ties."""
     minimum = values.min()
     return int(torch.nonzero(values == minimum)[0, 0].item())
+
+
+@torch.no_grad()
+def class_features(
+    teacher: nn.Module,
+    data: PreparedData,
+    c: int,
+    *,
+    batch_size: int,
+    device: torch.device,
+) -> Tensor:
+    """Teacher penultimate features of every training image of class ``c``, in dataset order.
+
+    Returns:
+        (n_c, D) float tensor on the CPU.
+    """
+    pool = data.train_of_class(c)  # (n_c, C, H, W) uint8
+    chunks = [
+        teacher.forward_features(data.normalize(pool[i : i + batch_size].to(device))).cpu()
+        for i in range(0, len(pool), batch_size)
+    ]  # each (b, D)
+    return torch.cat(chunks)
+
+
+def herding(
+    *,
+    teacher: nn.Module | None,
+    data: PreparedData,
+    classes: Sequence[int],
+    ipc: int,
+    config: HerdingConfig,
+    seed: int,
+    device: torch.device,
+) -> SyntheticSet:
+    """Selects ``ipc`` real images per class by herding on the teacher's features.
+
+    Deterministic (``seed`` is unused) and per class, so any class range equals that slice of
+    a full run.
+
+    Args:
+        teacher: Pretrained teacher in eval mode, with ``forward_features``.
+        data: The prepared dataset.
+        classes: Classes to select from.
+        ipc: Images per class (at most the class's training images).
+        config: Feature-extraction batch size.
+        seed: Unused (herding is deterministic).
+        device: Where the teacher runs.
+
+    Returns:
+        Images (len(classes) * ipc, C, H, W) in normalised space, ordered by (class, herding
+        order), with ``aux["train_indices"]`` (indices into ``data.train_x``) and
+        ``aux["timings"]``.
+    """
+    del seed
+    if teacher is None:
+        raise ValueError("herding needs a teacher (its penultimate features are herded)")
+    check_ipc(data, classes, ipc)
+    start = time.perf_counter()
+    images, labels, indices = [], [], []
+    for c in classes:
+        phi = class_features(teacher, data, c, batch_size=config.feature_batch_size, device=device)
+        pick = herding_select(phi, ipc)  # (ipc,) indices within the class
+        images.append(data.normalize(data.train_of_class(c)[pick]))
+        labels.append(torch.full((ipc,), c, dtype=torch.long))
+        indices.append(torch.nonzero(data.train_y == c).flatten()[pick])
+    aux = {
+        "train_indices": torch.cat(indices),
+        "timings": {"select": time.perf_counter() - start},
+    }
+    return SyntheticSet(torch.cat(images), torch.cat(labels), aux=aux)

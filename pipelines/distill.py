@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher = load_teacher(teacher_file, device=device) if spec.needs_teacher else None
     seed = derive_seed(params.benchmark.seed, args.dataset, args.method)
     inputs = [paths.data_dir(args.dataset)] + ([teacher_file] if spec.needs_teacher else [])
-    tags = {"dataset": args.dataset, "budget": profile.budget, "method": args.method,
+    tags = {"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name, "method": args.method,
             "ipc": args.ipc, "classes": f"{classes.start}:{classes.stop}"}
     with stage_run(experiment=params.benchmark.experiment, stage="distill",
                    run_name=f"distill/{args.dataset}/{args.method}/ipc{args.ipc}", tags=tags,

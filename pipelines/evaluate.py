@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     protocol = profile.protocol
     cfg = protocol.selected()
     phash = protocol_hash(protocol, eval_seeds=bench.eval_seeds, base_seed=bench.seed)
-    tags = {"dataset": args.dataset, "budget": profile.budget, "method": args.method,
+    tags = {"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name, "method": args.method,
             "ipc": args.ipc, "protocol": protocol.kind, "protocol_hash": phash}
     with stage_run(experiment=bench.experiment, stage="evaluate",
                    run_name=f"evaluate/{args.dataset}/{args.method}/ipc{args.ipc}", tags=tags,

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     out = paths.data_dir(args.dataset)
     with stage_run(experiment=params.benchmark.experiment, stage="prepare",
                    run_name=f"prepare/{args.dataset}", tags={"dataset": args.dataset,
-                   "budget": profile.budget}, params=flatten(profile.data, "data."),
+                   "budget": profile.budget, "dataset_name": profile.data.name}, params=flatten(profile.data, "data."),
                    inputs=[], device=device) as mlflow:
         start = time.perf_counter()
         with atomic_dir(out) as tmp:

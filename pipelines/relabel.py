@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     phash = protocol_hash(profile.protocol, eval_seeds=bench.eval_seeds, base_seed=bench.seed)
     cfg = profile.protocol.selected()
     stored = profile.protocol.kind == "soft" and cfg.relabel_mode == "stored"
-    tags = {"dataset": args.dataset, "budget": profile.budget, "method": args.method,
+    tags = {"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name, "method": args.method,
             "ipc": args.ipc, "protocol": profile.protocol.kind, "protocol_hash": phash}
     with stage_run(experiment=bench.experiment, stage="relabel",
                    run_name=f"relabel/{args.dataset}/{args.method}/ipc{args.ipc}", tags=tags,

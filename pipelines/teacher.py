@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     seed = derive_seed(params.benchmark.seed, args.dataset, "teacher")
     with stage_run(experiment=params.benchmark.experiment, stage="teacher",
                    run_name=f"teacher/{args.dataset}",
-                   tags={"dataset": args.dataset, "budget": profile.budget},
+                   tags={"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name},
                    params={**flatten(profile.teacher, "teacher."), "seed": seed},
                    inputs=[data_dir], device=device) as mlflow:
         start = time.perf_counter()

@@ -1,0 +1,285 @@
+"""The benchmark report, built from what MLflow recorded.
+
+The stages' DVC outputs name the MLflow run that produced them (``mlflow_run_id`` in
+``models/<p>/metrics.json``, ``distilled/.../meta.json``, ``labels/.../labels.json`` and
+``results/.../metrics.json``). The report resolves exactly those runs in the tracking store
+and takes every number from them, so the tables equal what MLflow shows. It writes:
+
+* ``reports/benchmark.md`` — per dataset profile and budget: methods x IPC as
+  ``mean ± std (n)`` of the final-epoch top-1, the teacher's accuracy, the gain over the
+  random subset under the same protocol with a Welch t-test p-value, the published numbers
+  beside ours (with their protocol noted), compute cost per stage, the protocol hash, the
+  git commit and package versions;
+* ``reports/results.csv`` — one row per (dataset, budget, method, ipc);
+* ``reports/figures/`` — accuracy vs IPC per profile, and synthetic-image grids for
+  methods that synthesise from noise (grids of real or real-initialised images are not
+  written here: they stay in MLflow and the DVC outputs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from scipy import stats
+
+from wmdd import paths
+from wmdd.utils import read_json
+
+# Published ResNet-18 top-1 (%) from the WMDD paper's main table (METHODS.md), keyed by
+# dataset registry name, then method, then IPC. The Random and DM rows were measured by
+# earlier papers under a hard-label ConvNet protocol at lower resolution; SRe2L and WMDD
+# under the soft-label ResNet-18 protocol at 224 px.
+PUBLISHED: dict[str, dict[str, dict[int, float]]] = {
+    "imagenette": {
+        "random": {1: 23.5, 10: 47.7},
+        "dm": {1: 32.8, 10: 58.1},
+        "sre2l": {1: 20.6, 10: 54.2, 50: 80.4, 100: 85.9},
+        "wmdd": {1: 40.2, 10: 64.8, 50: 83.5, 100: 87.1},
+    },
+    "tinyimagenet": {
+        "random": {1: 1.5, 10: 6.0, 50: 16.8},
+        "dm": {1: 3.9, 10: 12.9, 50: 24.1},
+        "sre2l": {50: 41.1, 100: 49.7},
+        "wmdd": {1: 7.6, 10: 41.8, 50: 59.4, 100: 61.0},
+    },
+    "imagenet1k": {
+        "random": {1: 0.5, 10: 3.6, 50: 15.3},
+        "dm": {1: 1.5},
+        "sre2l": {10: 21.3, 50: 46.8, 100: 52.8},
+        "wmdd": {1: 3.2, 10: 38.2, 50: 57.6, 100: 60.7},
+    },
+}
+PUBLISHED_PROTOCOL = {
+    "random": "hard-label ConvNet, lower resolution (earlier papers)",
+    "dm": "hard-label ConvNet, lower resolution (earlier papers)",
+    "sre2l": "soft-label ResNet-18, 224 px",
+    "wmdd": "soft-label ResNet-18, 224 px",
+}
+NOISE_SYNTHESISED = ("wmdd", "sre2l")  # methods whose images may be shown in committed figures
+
+CSV_COLUMNS = [
+    "dataset", "profile", "budget", "method", "ipc", "protocol", "seeds", "top1_mean",
+    "top1_std", "top5_mean", "best_top1_mean", "gain_vs_random", "welch_p", "teacher_top1",
+    "distill_seconds", "peak_mem_mb", "images_per_second", "relabel_seconds", "label_bytes",
+    "eval_seconds", "protocol_hash", "commit", "evaluate_run_id",
+]
+
+
+class ReportError(RuntimeError):
+    """The tracking store does not hold the runs the pipeline outputs refer to."""
+
+
+@dataclass
+class Cell:
+    """Everything the report needs about one (profile, method, ipc)."""
+
+    profile: str
+    method: str
+    ipc: int
+    evaluate: Any  # mlflow Run
+    distill: Any
+    relabel: Any
+    per_seed_top1: list[float]
+
+
+def _get_run(client, run_id: str, what: Path) -> Any:
+    try:
+        return client.get_run(run_id)
+    except Exception as err:  # MlflowException for unknown ids
+        raise ReportError(
+            f"{what} refers to MLflow run {run_id}, which the tracking store does not hold "
+            f"({err.__class__.__name__}). The store is the one in MLFLOW_TRACKING_URI or "
+            f"./mlflow.db; re-run the stage (`dvc repro --force <stage>`) to log it again."
+        ) from None
+
+
+def _run_of(client, json_path: Path) -> Any:
+    return _get_run(client, read_json(json_path)["mlflow_run_id"], json_path)
+
+
+def collect_cells(client, profiles: Sequence[str], methods: Sequence[str],
+                  ipcs: Sequence[int]) -> tuple[list[Cell], dict[str, Any]]:
+    """Resolves the MLflow runs of every cell of the grid and every profile's teacher."""
+    cells, teachers = [], {}
+    for p in profiles:
+        teachers[p] = _run_of(client, paths.teacher_metrics_path(p))
+        for m in methods:
+            for k in ipcs:
+                ev = _run_of(client, paths.results_path(p, m, k))
+                seeds = sorted(key for key in ev.data.metrics if key.endswith(".final_top1"))
+                cells.append(Cell(
+                    p, m, k, ev,
+                    _run_of(client, paths.distilled_dir(p, m, k) / "meta.json"),
+                    _run_of(client, paths.labels_dir(p, m, k) / "labels.json"),
+                    [ev.data.metrics[s] for s in seeds],
+                ))
+    return cells, teachers
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided Welch t-test p-value (nan when undefined, e.g. n < 2 or zero variance)."""
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    p = stats.ttest_ind(a, b, equal_var=False).pvalue
+    return float(p)
+
+
+def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
+    """One row per cell with the CSV columns (accuracies in percent)."""
+    random_top1 = {(c.profile, c.ipc): c.per_seed_top1 for c in cells if c.method == "random"}
+    rows = []
+    for c in cells:
+        ev, di, rl = c.evaluate.data, c.distill.data, c.relabel.data
+        ref = random_top1.get((c.profile, c.ipc))
+        gain = (ev.metrics["top1_mean"] - sum(ref) / len(ref)) if ref else math.nan
+        rows.append({
+            "dataset": ev.tags.get("dataset_name", ""),
+            "profile": c.profile,
+            "budget": ev.tags["budget"],
+            "method": c.method,
+            "ipc": c.ipc,
+            "protocol": ev.tags["protocol"],
+            "seeds": int(ev.metrics["n"]),
+            "top1_mean": ev.metrics["top1_mean"],
+            "top1_std": ev.metrics["top1_std"],
+            "top5_mean": ev.metrics["top5_mean"],
+            "best_top1_mean": ev.metrics["best_top1_mean"],
+            "gain_vs_random": gain if c.method != "random" else math.nan,
+            "welch_p": welch(c.per_seed_top1, ref) if ref and c.method != "random" else math.nan,
+            "teacher_top1": teachers[c.profile].data.metrics["val_top1"],
+            "distill_seconds": di.metrics["distill_seconds"],
+            "peak_mem_mb": max(di.metrics["peak_mem_mb"], ev.metrics["peak_mem_mb"]),
+            "images_per_second": di.metrics["images_per_second"],
+            "relabel_seconds": rl.metrics["relabel_seconds"],
+            "label_bytes": rl.metrics["label_bytes"],
+            "eval_seconds": ev.metrics["eval_seconds"],
+            "protocol_hash": ev.tags["protocol_hash"],
+            "commit": ev.tags["git_commit"][:12],
+            "evaluate_run_id": c.evaluate.info.run_id,
+        })
+    return pd.DataFrame(rows, columns=CSV_COLUMNS)
+
+
+def _fmt_acc(mean: float, std: float, n: int) -> str:
+    return f"{mean:.1f} ± {std:.1f} ({n})"
+
+
+def _fmt_p(p: float) -> str:
+    if math.isnan(p):
+        return "n/a"
+    return f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _accuracy_table(df: pd.DataFrame) -> list[str]:
+    ipcs = sorted(df.ipc.unique())
+    rows = []
+    for method, g in df.groupby("method", sort=False):
+        by_ipc = {r.ipc: r for r in g.itertuples()}
+        rows.append([f"`{method}`"] + [
+            _fmt_acc(by_ipc[k].top1_mean, by_ipc[k].top1_std, by_ipc[k].seeds) if k in by_ipc
+            else "-" for k in ipcs])
+    return _table(["method"] + [f"IPC {k}" for k in ipcs], rows)
+
+
+def _gain_table(df: pd.DataFrame) -> list[str]:
+    rows = [[f"`{r.method}`", str(r.ipc), f"{r.gain_vs_random:+.1f}", _fmt_p(r.welch_p)]
+            for r in df.itertuples() if r.method != "random" and not math.isnan(r.gain_vs_random)]
+    if not rows:
+        return ["(no method other than `random` in this run)"]
+    return _table(["method", "IPC", "gain over random (points)", "Welch p"], rows)
+
+
+def _secondary_table(df: pd.DataFrame) -> list[str]:
+    rows = [[f"`{r.method}`", str(r.ipc), f"{r.top5_mean:.1f}", f"{r.best_top1_mean:.1f}"]
+            for r in df.itertuples()]
+    return _table(["method", "IPC", "top-5 (final)", "best-epoch top-1 (not the headline)"],
+                  rows)
+
+
+def _cost_table(df: pd.DataFrame) -> list[str]:
+    rows = [[f"`{r.method}`", str(r.ipc), f"{r.distill_seconds:.1f}",
+             f"{r.images_per_second:.2f}", f"{r.relabel_seconds:.1f}",
+             f"{r.label_bytes / 2**20:.1f}", f"{r.eval_seconds:.1f}", f"{r.peak_mem_mb:.0f}"]
+            for r in df.itertuples()]
+    return _table(["method", "IPC", "distill s", "images/s", "relabel s", "stored labels MiB",
+                   "eval s (all seeds)", "peak mem MiB"], rows)
+
+
+def _published_table(dataset: str, methods: Sequence[str], ipcs: Sequence[int]) -> list[str]:
+    pub = PUBLISHED.get(dataset)
+    if not pub:
+        return []
+    rows = []
+    for m in methods:
+        if m in pub:
+            rows.append([f"`{m}`"] + [f"{pub[m][k]:.1f}" if k in pub[m] else "-" for k in ipcs]
+                        + [PUBLISHED_PROTOCOL[m]])
+    if not rows:
+        return []
+    return (["", "Published (WMDD paper's table; mixes protocols, so not comparable row to row):",
+             ""] + _table(["method"] + [f"IPC {k}" for k in ipcs] + ["published under"], rows))
+
+
+def render_markdown(df: pd.DataFrame, teachers: dict[str, Any], *, versions: dict[str, str],
+                    figures: dict[str, list[str]]) -> str:
+    """The Markdown report (deterministic given the runs: no timestamps)."""
+    commits = sorted(set(df.commit))
+    out = ["# Dataset distillation benchmark", "",
+           "Generated by `python -m pipelines.report` from the MLflow runs the pipeline "
+           "outputs name; do not edit by hand. Headline: final-epoch top-1 (%) on the full "
+           "validation split, mean ± sample std (n eval seeds).", "",
+           f"- commit(s): {', '.join(f'`{c}`' for c in commits)}",
+           "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    for profile, g in df.groupby("profile", sort=False):
+        teacher = teachers[profile].data
+        first = g.iloc[0]
+        out += [f"## {profile} — {first.dataset} (budget: {first.budget})", "",
+                f"- protocol: `{first.protocol}`-label, hash `{first.protocol_hash}`",
+                f"- teacher: top-1 {teacher.metrics['val_top1']:.1f}% "
+                f"(trained in {teacher.metrics['seconds']:.0f} s, "
+                f"peak {teacher.metrics['peak_mem_mb']:.0f} MiB, device "
+                f"{teachers[profile].data.tags.get('device', '?')})", ""]
+        out += _accuracy_table(g)
+        out += _published_table(first.dataset, list(g.method.unique()), sorted(g.ipc.unique()))
+        out += ["", "Gain over the random real subset under the same protocol:", ""]
+        out += _gain_table(g)
+        out += ["", "Secondary metrics:", ""] + _secondary_table(g)
+        out += ["", "Compute cost:", ""] + _cost_table(g)
+        for fig in figures.get(profile, []):
+            out += ["", f"![{Path(fig).stem}]({fig})"]
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_accuracy(df: pd.DataFrame, profile: str, out: Path) -> None:
+    """Accuracy vs IPC per method (error bars: sample std over eval seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = df[df.profile == profile]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for method, m in g.groupby("method", sort=False):
+        m = m.sort_values("ipc")
+        ax.errorbar(m.ipc, m.top1_mean, yerr=m.top1_std, marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(g.ipc.unique()), [str(k) for k in sorted(g.ipc.unique())])
+    ax.set_xlabel("images per class")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{profile} ({g.iloc[0].budget})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, metadata={"Software": None})
+    plt.close(fig)

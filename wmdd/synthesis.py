@@ -1,0 +1,478 @@
+r"""The shared image-synthesis loop of WMDD (arXiv 2311.18531) and SRe2L (arXiv 2306.13092).
+
+Synthetic images :math:`X` live in the dataset's *normalised* pixel space and are optimised in
+independent batches :math:`\mathcal{B}` (each from scratch) to minimise a method-specific loss
+:math:`L(\mathrm{aug}_t(X_\mathcal{B}), \mathcal{B})`:
+
+.. math::
+
+    X^{(0)}_{c,m} \sim \mathcal{N}(0, I), \qquad
+    X^{(t+1)} = \operatorname{clamp}_{[lo, hi]}\big(\operatorname{Adam}_{\eta_t}(X^{(t)},
+        \nabla_X L(\mathrm{aug}_t(X^{(t)}), \mathcal{B}))\big), \qquad
+    \eta_t = \tfrac{1}{2}\, \eta\, \big(1 + \cos(\pi t / T)\big),
+
+with Adam(betas=(0.5, 0.9), eps=1e-8), :math:`t = 0, \dots, T - 1` (no warm-up, the last step
+uses a small but non-zero rate), and :math:`[lo, hi]` the per-channel range of valid pixels.
+:math:`\mathrm{aug}_t` is, for the *whole batch*, ONE RandomResizedCrop box (scale ``crop_scale``,
+ratio (3/4, 4/3)), ONE horizontal-flip draw and ONE wrap-around ``torch.roll`` by
+:math:`(d_y, d_x) \sim U\{lo_j, \dots, hi_j\}^2`, in that order. The LAST iterate is kept.
+
+Batch layouts (B = ``batch_budget``, k = IPC):
+
+* :func:`class_batches` (WMDD): groups of ``B // k`` consecutive classes with all k slots each
+  (IPC 1 -> 100 classes per batch, 10 -> 10, 50 -> 2, 100 -> 1); for k > B a class's slots are
+  split into ``ceil(k / B)`` batches of at most B images (IPC is never capped at 100).
+* :func:`slot_batches` (SRe2L): for each slot, the classes in chunks of B.
+
+Groups are formed from *global* class indices (group g = classes ``[g * G, (g + 1) * G)``), so a
+class range whose ends lie on group boundaries (or at the dataset's last class) yields exactly
+the batches, hence the images, of the full run: sharding does not change results.
+
+Randomness (never the global RNG): the initial image of (class c, slot m) comes from
+``generator(seed, "init", c, m)``; all augmentation draws of a batch from
+``generator(seed, "aug", c0, m0)`` with (c0, m0) its first (class, slot). Generators live on the
+CPU, so the draws are the same on every device.
+
+Departures from the official code (github Liu-Hy/WMDD, VILA-Lab/SRe2L), all deliberate:
+
+* Crop-and-resize uses :func:`wmdd.augment.resized_crops` (``roi_align``, bilinear with adaptive
+  area sampling) instead of torchvision's antialiased ``resize``; the draw rule is the same.
+* Gradients are taken with ``torch.autograd.grad`` with respect to the pixels only, so the
+  teacher's parameters never accumulate ``.grad`` (the official code calls ``backward``).
+* Storage is lossless by default. ``jpeg_quality > 0`` reproduces the official JPEG round trip
+  (quality 75) on the final images; it needs the ``to_pixels``/``from_pixels`` maps of the
+  dataset (see :func:`pixel_maps`), since this module does not know the normalisation.
+* A non-finite loss stops the run with ``FloatingPointError`` instead of continuing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from wmdd.augment import random_roll, resized_crops, sample_crop_boxes, sample_flips
+from wmdd.data.prepared import PreparedData
+from wmdd.synthetic import jpeg_roundtrip
+from wmdd.utils import generator
+
+__all__ = [
+    "LossFn",
+    "SynthBatch",
+    "SynthesisConfig",
+    "augment_batch",
+    "check_aligned",
+    "check_ipc",
+    "class_batches",
+    "cosine_lr",
+    "default_jitter",
+    "jpeg_roundtrip_normalised",
+    "pixel_maps",
+    "real_image_init",
+    "slot_batches",
+    "synthesize",
+]
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """Settings of the synthesis loop (published values: WMDD/SRe2L at 224 px)."""
+
+    iterations: int = 2000  # optimisation steps per batch (T)
+    lr: float = 0.25  # Adam learning rate, cosine-decayed to 0 over the iterations, no warm-up
+    betas: tuple[float, float] = (0.5, 0.9)  # Adam betas
+    eps: float = 1e-8  # Adam eps
+    batch_budget: int = 100  # B: images per batch; classes_per_batch = min(B // k, C)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # area range of the one crop per batch-step
+    flip: bool = True  # one horizontal-flip draw per batch-step
+    jitter: tuple[int, int] = (0, 32)  # roll range (lo, hi), px; see default_jitter()
+    init: Literal["noise", "real"] = "noise"  # N(0, 1) in normalised space, or a real image
+    jpeg_quality: int = 0  # 0 = lossless (default); 75 = the official code's JPEG round trip
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"synthesis.iterations must be >= 1, got {self.iterations}")
+        if self.lr <= 0:
+            raise ValueError(f"synthesis.lr must be > 0, got {self.lr}")
+        if self.batch_budget < 1:
+            raise ValueError(f"synthesis.batch_budget must be >= 1, got {self.batch_budget}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(
+                f"synthesis.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}"
+            )
+        if self.jitter[0] > self.jitter[1]:
+            raise ValueError(f"synthesis.jitter must be (lo, hi) with lo <= hi, got {self.jitter}")
+        if not 0 <= self.jpeg_quality <= 100:
+            raise ValueError(
+                f"synthesis.jpeg_quality must be 0 (off) or 1..100, got {self.jpeg_quality}"
+            )
+
+
+def default_jitter(resolution: int) -> tuple[int, int]:
+    """Roll range for a resolution, keeping both published conventions exactly.
+
+    The ImageNet-style code (224 px) rolls by :math:`U\\{0..32\\}` (about 1/7 of the side); the
+    Tiny-ImageNet code (64 px) by :math:`U\\{-4..4\\}` (1/16 of the side). We use the first rule
+    from 128 px up, ``(0, round(32 * res / 224))``, and the symmetric one below,
+    ``(-m, m)`` with ``m = max(1, round(res / 16))``: 224 -> (0, 32), 128 -> (0, 18),
+    64 -> (-4, 4), 32 -> (-2, 2), 16 -> (-1, 1). The config value is what the loop uses.
+    """
+    if resolution < 1:
+        raise ValueError(f"resolution must be >= 1, got {resolution}")
+    if resolution >= 128:
+        return 0, round(32 * resolution / 224)
+    m = max(1, round(resolution / 16))
+    return -m, m
+
+
+@dataclass(frozen=True)
+class SynthBatch:
+    """One independently optimised batch: image i is slot ``slots[i]`` of class ``classes[i]``."""
+
+    classes: Tensor  # (b,) int64 class of each image
+    slots: Tensor  # (b,) int64 IPC slot of each image
+
+    def __post_init__(self) -> None:
+        c, s = self.classes, self.slots
+        if c.ndim != 1 or c.shape != s.shape or c.numel() == 0:
+            raise ValueError(
+                "SynthBatch: need equal non-empty (b,) tensors, got "
+                f"{tuple(c.shape)} and {tuple(s.shape)}"
+            )
+        if c.dtype != torch.long or s.dtype != torch.long:
+            raise ValueError(f"SynthBatch: classes/slots must be int64, got {c.dtype}, {s.dtype}")
+
+    def __len__(self) -> int:
+        return int(self.classes.numel())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SynthBatch):
+            return NotImplemented
+        return torch.equal(self.classes, other.classes) and torch.equal(self.slots, other.slots)
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.classes.tolist()), tuple(self.slots.tolist())))
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(first class, first slot): names the batch's augmentation generator."""
+        return int(self.classes[0]), int(self.slots[0])
+
+
+def _make_batch(pairs: Sequence[tuple[int, int]]) -> SynthBatch:
+    """A batch from (class, slot) pairs, in the given order."""
+    t = torch.tensor(pairs, dtype=torch.long)  # (b, 2)
+    return SynthBatch(classes=t[:, 0].contiguous(), slots=t[:, 1].contiguous())
+
+
+def _as_range(classes: Sequence[int]) -> range:
+    """``classes`` as a ``range`` of consecutive indices; ValueError otherwise."""
+    values = [int(c) for c in classes]
+    if not values:
+        raise ValueError("classes must not be empty")
+    if values != list(range(values[0], values[0] + len(values))) or values[0] < 0:
+        raise ValueError(f"classes must be consecutive non-negative indices a..b-1, got {values}")
+    return range(values[0], values[-1] + 1)
+
+
+def check_aligned(
+    classes: Sequence[int], group_size: int, *, num_classes: int | None = None
+) -> range:
+    """Check that a class range starts and ends on global group boundaries.
+
+    Group g holds classes ``[g * group_size, (g + 1) * group_size)``; a range ``a..b-1`` gives the
+    same batches as the full run iff ``a`` is a multiple of ``group_size`` and ``b`` is too or
+    ``b`` is the dataset's class count. With ``num_classes=None`` the range is taken to end at the
+    dataset's last class (only the start is checked): callers that shard must pass it.
+
+    Returns:
+        The classes as a ``range``.
+
+    Raises:
+        ValueError: Naming the nearest valid boundaries when the range splits a group.
+    """
+    rng = _as_range(classes)
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if num_classes is not None and rng.stop > num_classes:
+        raise ValueError(f"classes {rng.start}:{rng.stop} exceed the {num_classes} classes")
+    for name, edge in (("start", rng.start), ("end", rng.stop)):
+        dataset_end = name == "end" and (num_classes is None or edge == num_classes)
+        if edge % group_size == 0 or dataset_end:
+            continue
+        lo = edge - edge % group_size
+        raise ValueError(
+            f"class range {rng.start}:{rng.stop} splits a batch group of {group_size} classes at "
+            f"its {name} ({edge}); use a boundary that is a multiple of {group_size} "
+            f"(e.g. {lo} or {lo + group_size}) or the last class"
+        )
+    return rng
+
+
+def class_batches(
+    classes: Sequence[int], ipc: int, budget: int = 100, *, num_classes: int | None = None
+) -> list[SynthBatch]:
+    """WMDD layout: groups of ``max(1, budget // ipc)`` classes with all their slots.
+
+    Within a batch images are ordered by (class, slot). For ``ipc > budget`` each class alone is
+    split into ``ceil(ipc / budget)`` batches of slots ``[j * budget, (j + 1) * budget)``.
+
+    Args:
+        classes: Consecutive class indices (a shard of the dataset's classes).
+        ipc: Images per class k (>= 1; not capped).
+        budget: Images per batch B.
+        num_classes: The dataset's class count, needed to check a shard's end (see
+            :func:`check_aligned`).
+
+    Raises:
+        ValueError: If the range splits a group, or ``ipc``/``budget`` < 1.
+    """
+    if ipc < 1 or budget < 1:
+        raise ValueError(f"ipc and budget must be >= 1, got ipc={ipc}, budget={budget}")
+    group = max(1, budget // ipc)
+    rng = check_aligned(classes, group, num_classes=num_classes)
+    batches = []
+    for start in range(rng.start, rng.stop, group):
+        group_classes = range(start, min(start + group, rng.stop))
+        for s0 in range(0, ipc, budget):
+            slots = range(s0, min(s0 + budget, ipc))
+            batches.append(_make_batch([(c, s) for c in group_classes for s in slots]))
+    return batches
+
+
+def slot_batches(
+    classes: Sequence[int], ipc: int, budget: int = 100, *, num_classes: int | None = None
+) -> list[SynthBatch]:
+    """SRe2L layout: for each slot, the classes in global chunks of ``budget`` (one image each).
+
+    Batches are ordered slot-major; within a batch images are ordered by class.
+
+    Raises:
+        ValueError: If the range splits a chunk, or ``ipc``/``budget`` < 1.
+    """
+    if ipc < 1 or budget < 1:
+        raise ValueError(f"ipc and budget must be >= 1, got ipc={ipc}, budget={budget}")
+    rng = check_aligned(classes, budget, num_classes=num_classes)
+    return [
+        _make_batch([(c, s) for c in range(start, min(start + budget, rng.stop))])
+        for s in range(ipc)
+        for start in range(rng.start, rng.stop, budget)
+    ]
+
+
+def check_ipc(data: PreparedData, classes: Sequence[int], ipc: int) -> None:
+    """Raise a ValueError naming the class when it has fewer than ``ipc`` training images."""
+    counts = data.class_counts("train")
+    for c in classes:
+        if counts[c] < ipc:
+            raise ValueError(
+                f"IPC {ipc} is larger than the {counts[c]} training images of class {c} "
+                f"({data.classes[c]!r}); choose ipc <= {min(counts[k] for k in classes)}"
+            )
+
+
+def real_image_init(data: PreparedData, seed: int) -> Callable[[int, int], Tensor]:
+    """``real_init`` for :func:`synthesize`: slot m of class c starts as a real image.
+
+    The image is entry m of a permutation of the class's training images drawn from
+    ``generator(seed, "real_init", c)`` (so slots are distinct and shard-independent), in
+    normalised space, shape (C, H, W). Check ``ipc`` with :func:`check_ipc` first.
+    """
+    cache: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def init(c: int, slot: int) -> Tensor:
+        if c not in cache:
+            pool = data.train_of_class(c)  # (n_c, C, R, R) uint8
+            cache.clear()  # classes are visited in order: keep one
+            cache[c] = (pool, torch.randperm(len(pool), generator=generator(seed, "real_init", c)))
+        pool, perm = cache[c]
+        return data.normalize(pool[perm[slot]].unsqueeze(0))[0]  # (C, H, W)
+
+    return init
+
+
+def pixel_maps(data: PreparedData) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """(to_pixels, from_pixels): normalised space <-> [0, 1] pixels of ``data``."""
+    return data.denormalize, lambda p: data.normalize(p * 255.0)
+
+
+def jpeg_roundtrip_normalised(
+    images: Tensor,
+    *,
+    quality: int,
+    to_pixels: Callable[[Tensor], Tensor],
+    from_pixels: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """JPEG-encode and decode normalised images (N, C, H, W) via [0, 1] pixels (CPU)."""
+    pixels = to_pixels(images.detach().cpu())  # (N, C, H, W) in [0, 1]
+    return from_pixels(jpeg_roundtrip(pixels, quality=quality)).float()
+
+
+def cosine_lr(base_lr: float, step: int, total: int) -> float:
+    """:math:`\\eta_t = \\frac{1}{2} \\eta (1 + \\cos(\\pi t / T))`, t = 0..T-1 (no warm-up)."""
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * step / total))
+
+
+def augment_batch(x: Tensor, cfg: SynthesisConfig, gen: torch.Generator) -> Tensor:
+    """One crop box for the whole batch, one flip draw, then one wrap-around roll.
+
+    Args:
+        x: Images (b, C, H, H).
+        cfg: Supplies ``crop_scale``, ``flip`` and ``jitter``.
+        gen: The batch's CPU generator (advanced by the draws).
+
+    Returns:
+        (b, C, H, H), differentiable with respect to ``x``.
+    """
+    b, _, h, w = x.shape
+    box = sample_crop_boxes(1, h, w, scale=cfg.crop_scale, generator=gen)  # (1, 4)
+    x = resized_crops(x, box.expand(b, 4), h)  # (b, C, H, H)
+    if cfg.flip and bool(sample_flips(1, generator=gen)[0]):
+        x = x.flip(-1)
+    return random_roll(x, max_shift=cfg.jitter, generator=gen)
+
+
+LossFn = Callable[[Tensor, SynthBatch], tuple[Tensor, dict[str, float]]]
+
+
+def _init_batch(
+    batch: SynthBatch,
+    shape: tuple[int, int, int],
+    seed: int,
+    real_init: Callable[[int, int], Tensor] | None,
+) -> Tensor:
+    """Initial images (b, C, H, W) on the CPU: N(0, 1) per (class, slot), or real images."""
+    pairs = zip(batch.classes.tolist(), batch.slots.tolist(), strict=True)
+    if real_init is not None:
+        return torch.stack([real_init(c, s).float() for c, s in pairs])
+    noise = [torch.randn(shape, generator=generator(seed, "init", c, s)) for c, s in pairs]
+    return torch.stack(noise)  # (b, C, H, W)
+
+
+def _optimise_batch(
+    batch: SynthBatch,
+    *,
+    loss_fn: LossFn,
+    cfg: SynthesisConfig,
+    seed: int,
+    x0: Tensor,
+    bounds: tuple[Tensor, Tensor],
+    device: torch.device,
+) -> tuple[Tensor, dict[str, float]]:
+    """Adam + cosine lr + clamp on one batch from ``x0``; returns the last iterate and loss."""
+    x = x0.to(device).requires_grad_(True)  # (b, C, H, W); clamped after each step, not before
+    opt = torch.optim.Adam([x], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    gen = generator(seed, "aug", *batch.key)
+    components: dict[str, float] = {}
+    for t in range(cfg.iterations):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(cfg.lr, t, cfg.iterations)
+        loss, components = loss_fn(augment_batch(x, cfg, gen), batch)
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(
+                f"non-finite synthesis loss {float(loss.detach())} at iteration {t} of batch {batch.key} "
+                f"(components {components})"
+            )
+        (x.grad,) = torch.autograd.grad(loss, [x])
+        opt.step()
+        with torch.no_grad():
+            x.clamp_(*bounds)
+        components = {**components, "loss": float(loss.detach())}
+    return x.detach().cpu(), components
+
+
+def _sorted_by_class_slot(
+    images: list[Tensor], batches: Sequence[SynthBatch]
+) -> tuple[Tensor, Tensor]:
+    """Concatenate batch outputs and sort them by (class, slot); reject duplicate pairs."""
+    classes = torch.cat([b.classes for b in batches])  # (N,)
+    slots = torch.cat([b.slots for b in batches])  # (N,)
+    key = classes * (int(slots.max()) + 1) + slots  # (N,)
+    if key.unique().numel() != key.numel():
+        raise ValueError("batches contain a (class, slot) pair more than once")
+    order = torch.argsort(key)
+    return torch.cat(images)[order], classes[order]
+
+
+def synthesize(
+    *,
+    batches: Sequence[SynthBatch],
+    loss_fn: LossFn,
+    cfg: SynthesisConfig,
+    seed: int,
+    shape: tuple[int, int, int],
+    pixel_bounds: tuple[Tensor, Tensor],
+    device: torch.device,
+    real_init: Callable[[int, int], Tensor] | None = None,
+    progress: bool = True,
+    to_pixels: Callable[[Tensor], Tensor] | None = None,
+    from_pixels: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor, dict]:
+    """Optimise every batch independently from scratch (see the module docstring).
+
+    Args:
+        batches: From :func:`class_batches` or :func:`slot_batches`.
+        loss_fn: ``loss_fn(augmented (b, C, H, W), batch) -> (scalar loss, {name: float})``.
+        cfg: Loop settings; ``cfg.init == "real"`` requires ``real_init``.
+        seed: Base seed of the init and augmentation generators.
+        shape: (C, H, W) of one image; H == W.
+        pixel_bounds: Per-channel (lo, hi), each (1, C, 1, 1), e.g. ``data.pixel_bounds(device)``.
+        device: Where the images are optimised.
+        real_init: ``real_init(c, slot) -> (C, H, W)`` normalised image (e.g.
+            :func:`real_image_init`); used iff ``cfg.init == "real"``.
+        progress: tqdm bar over batches.
+        to_pixels: Normalised -> [0, 1] pixels; with ``from_pixels``, needed iff
+            ``cfg.jpeg_quality > 0`` (see :func:`pixel_maps`).
+        from_pixels: [0, 1] pixels -> normalised space.
+
+    Returns:
+        ``(images (N, C, H, W) float32 CPU, labels (N,) int64, stats)`` sorted by (class, slot);
+        stats: ``iterations``, ``final_loss`` (mean over batches of the last iteration's loss),
+        ``final_components`` (same, per component), ``optimise_seconds``.
+
+    Raises:
+        ValueError: On an empty batch list, non-square shape, missing ``real_init`` or pixel
+            maps, or duplicate (class, slot) pairs.
+        FloatingPointError: On a non-finite loss.
+    """
+    if not batches:
+        raise ValueError("synthesize: no batches")
+    if shape[1] != shape[2]:
+        raise ValueError(f"synthesize: square images only, got shape {shape}")
+    if cfg.init == "real" and real_init is None:
+        raise ValueError("synthesize: cfg.init='real' needs a real_init callable")
+    if cfg.jpeg_quality and (to_pixels is None or from_pixels is None):
+        raise ValueError("synthesize: jpeg_quality > 0 needs to_pixels and from_pixels")
+    bounds = (pixel_bounds[0].to(device), pixel_bounds[1].to(device))
+    start = time.perf_counter()
+    outputs, finals = [], []
+    bar = tqdm(batches, desc="synthesis batches", disable=not progress)
+    for batch in bar:
+        x0 = _init_batch(batch, shape, seed, real_init if cfg.init == "real" else None)
+        x, final = _optimise_batch(
+            batch, loss_fn=loss_fn, cfg=cfg, seed=seed, x0=x0, bounds=bounds, device=device
+        )
+        outputs.append(x)
+        finals.append(final)
+        bar.set_postfix(loss=f"{final['loss']:.4g}")
+    images, labels = _sorted_by_class_slot(outputs, batches)
+    if cfg.jpeg_quality:
+        assert to_pixels is not None and from_pixels is not None
+        images = jpeg_roundtrip_normalised(
+            images, quality=cfg.jpeg_quality, to_pixels=to_pixels, from_pixels=from_pixels
+        )
+    mean_final = {k: sum(f[k] for f in finals) / len(finals) for k in finals[0]}
+    stats = {
+        "iterations": cfg.iterations,
+        "final_loss": mean_final.pop("loss"),
+        "final_components": mean_final,
+        "optimise_seconds": time.perf_counter() - start,
+    }
+    return images, labels, stats
