@@ -1,0 +1,111 @@
+"""End-to-end: ``dvc repro`` of the default pipeline in a temporary copy of the repository.
+
+Checks the default run completes and writes the report and CSV, that the report's numbers
+equal what MLflow recorded, that a second ``dvc repro`` does no work, and that changing one
+method parameter invalidates only the stages that depend on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+
+
+def _copy_repo(dest: Path) -> None:
+    """Copies the working tree's tracked and non-ignored files (no data, no stores)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in listed:
+        src = ROOT / rel
+        if not src.is_file() or rel.startswith(("reports/", "dvc.lock")):
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+    assert (dest / ".dvc" / "config").is_file(), "dvc init must be committed"
+    _run(["git", "init", "-q"], dest)
+    _run(["git", "add", "-A"], dest)
+    assert _run(["git", "commit", "-qm", "copy"], dest).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("repo")
+    _copy_repo(dest)
+    start = time.perf_counter()
+    proc = _run([str(BIN / "dvc"), "repro"], dest)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    print(f"default pipeline: {time.perf_counter() - start:.0f} s")
+    return dest
+
+
+def test_default_run_writes_report_and_csv(repo: Path) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())["benchmark"]
+    rows = list(csv.DictReader((repo / "reports" / "results.csv").open()))
+    cells = {(r["profile"], r["method"], int(r["ipc"])) for r in rows}
+    expected = {(d, m, k) for d in params["datasets"] for m in params["methods"]
+                for k in params["ipcs"]}
+    assert cells == expected
+    for r in rows:
+        assert int(r["seeds"]) == len(params["eval_seeds"])
+        assert 0.0 <= float(r["top1_mean"]) <= 100.0
+        assert float(r["teacher_top1"]) >= 95.0, "digits teacher must reach 95% top-1"
+    text = (repo / "reports" / "benchmark.md").read_text()
+    assert "mean ± sample std" in text and rows[0]["protocol_hash"] in text
+    assert (repo / "reports" / "figures" / "digits_accuracy.png").stat().st_size > 1000
+
+
+def test_report_numbers_equal_mlflow(repo: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    for r in csv.DictReader((repo / "reports" / "results.csv").open()):
+        run = client.get_run(r["evaluate_run_id"])
+        assert run.data.tags["method"] == r["method"]
+        assert float(r["top1_mean"]) == pytest.approx(run.data.metrics["top1_mean"], abs=1e-4)
+        assert float(r["top1_std"]) == pytest.approx(run.data.metrics["top1_std"], abs=1e-4)
+    stages = {run.data.tags["stage"] for run in client.search_runs(
+        [client.get_experiment_by_name("wmdd-benchmark").experiment_id])}
+    assert stages == {"prepare", "teacher", "distill", "relabel", "evaluate", "report"}
+
+
+def test_second_repro_does_no_work(repo: Path) -> None:
+    start = time.perf_counter()
+    proc = _run([str(BIN / "dvc"), "repro"], repo)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert "Running stage" not in proc.stdout, proc.stdout
+    assert elapsed < 30, f"no-op repro took {elapsed:.1f} s"
+
+
+def test_method_param_invalidates_only_dependants(repo: Path) -> None:
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    try:
+        params_file.write_text(original.replace("    draw: 0", "    draw: 1", 1))
+        assert params_file.read_text() != original
+        proc = _run([str(BIN / "dvc"), "status", "--json"], repo)
+        changed = set(__import__("json").loads(proc.stdout))
+        assert changed and all(s.startswith("distill@") and "-random-" in s for s in changed), changed
+    finally:
+        params_file.write_text(original)
