@@ -43,13 +43,14 @@ def random_subset(
     config: RandomConfig,
     seed: int,
     device: torch.device,
+    progress: bool = False,
 ) -> SyntheticSet:
     """Draws ``ipc`` distinct training images of each class in ``classes``.
 
     The draw for class ``c`` uses a generator derived from ``(seed, config.draw, c)``, so
     any class range gives the same images as a full run.
     """
-    del teacher, device
+    del teacher, device, progress
     check_ipc(data, classes, ipc)
     images, labels = [], []
     for c in classes:

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         reset_peak_memory(device)
         start = time.perf_counter()
         synthetic = spec.fn(teacher=teacher, data=data, classes=classes, ipc=args.ipc,
-                            config=config, seed=seed, device=device)
+                            config=config, seed=seed, device=device,
+                            progress=not args.no_progress)
         seconds = time.perf_counter() - start
         timings = {f"time_{k}_seconds": float(v)
                    for k, v in synthetic.aux.pop("timings", {}).items()}

@@ -1,7 +1,7 @@
 """The method registry, assembled here so that ``wmdd`` never imports ``baselines``.
 
-A method is a callable ``fn(*, teacher, data, classes, ipc, config, seed, device) ->
-SyntheticSet`` (see DESIGN.md, "A method") plus a frozen config dataclass that its
+A method is a callable ``fn(*, teacher, data, classes, ipc, config, seed, device, progress)
+-> SyntheticSet`` (see DESIGN.md, "A method") plus a frozen config dataclass that its
 ``methods.<name>`` section in ``params.yaml`` is parsed into. A section may carry
 ``overrides: {<profile>: {...}}`` with per-dataset values (the papers used different
 settings per dataset); they are merged over the defaults before strict parsing.
@@ -15,6 +15,7 @@ from typing import Any
 
 from baselines.random_subset import RandomConfig, random_subset
 from wmdd.config import ConfigError, Params, from_dict
+from wmdd.wmdd import WMDDConfig, wmdd_distill
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ METHODS: dict[str, MethodSpec] = {
     for spec in [
         MethodSpec("random", random_subset, RandomConfig, False,
                    "random real subset (seeded, per class)"),
+        MethodSpec("wmdd", wmdd_distill, WMDDConfig, True,
+                   "WMDD: Wasserstein barycenters + per-class BN matching (Liu et al.)"),
     ]
 }
 

@@ -123,8 +123,16 @@ def _conv_loss(x: Tensor, batch: SynthBatch) -> tuple[Tensor, dict[str, float]]:
 
 
 def _run(cfg: SynthesisConfig, batches: list[SynthBatch], seed: int = 0, loss_fn=_conv_loss):
-    return synthesize(batches=batches, loss_fn=loss_fn, cfg=cfg, seed=seed, shape=SHAPE,
-                      pixel_bounds=BOUNDS, device=CPU, progress=False)
+    return synthesize(
+        batches=batches,
+        loss_fn=loss_fn,
+        cfg=cfg,
+        seed=seed,
+        shape=SHAPE,
+        pixel_bounds=BOUNDS,
+        device=CPU,
+        progress=False,
+    )
 
 
 def test_matches_a_torch_adam_reference_with_cosine_lr_and_clamp() -> None:
@@ -132,7 +140,9 @@ def test_matches_a_torch_adam_reference_with_cosine_lr_and_clamp() -> None:
     batches = class_batches(range(2), 2)
     images, labels, _ = _run(cfg, batches, seed=3)
     # Reference: torch.optim.Adam on the same initial noise, lr set per step, clamp after.
-    init = [torch.randn(SHAPE, generator=generator(3, "init", c, s)) for c in (0, 1) for s in (0, 1)]
+    init = [
+        torch.randn(SHAPE, generator=generator(3, "init", c, s)) for c in (0, 1) for s in (0, 1)
+    ]
     x = torch.stack(init).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=0.05, betas=(0.5, 0.9), eps=1e-8)
     for t in range(2):
@@ -157,13 +167,21 @@ def test_loss_decreases_and_every_pixel_moves() -> None:
         return loss, parts
 
     images, _, _ = _run(cfg, batches, loss_fn=loss_fn)
-    init = torch.stack([torch.randn(SHAPE, generator=generator(0, "init", c, s))
-                        for c in range(3) for s in range(2)])
+    init = torch.stack(
+        [
+            torch.randn(SHAPE, generator=generator(0, "init", c, s))
+            for c in range(3)
+            for s in range(2)
+        ]
+    )
     inside = (init > BOUNDS[0] + 0.02) & (init < BOUNDS[1] - 0.02)  # the clamp leaves alone
     assert bool(((images - init).abs() > 1e-4)[inside].all())  # a gradient reached every pixel
     history.clear()
-    _run(SynthesisConfig(iterations=8, lr=0.05, crop_scale=(0.5, 1.0), jitter=(-1, 1)), batches,
-         loss_fn=loss_fn)
+    _run(
+        SynthesisConfig(iterations=8, lr=0.05, crop_scale=(0.5, 1.0), jitter=(-1, 1)),
+        batches,
+        loss_fn=loss_fn,
+    )
     assert history[-1] < 0.5 * history[0]
 
 
@@ -193,12 +211,20 @@ def test_deterministic_and_seed_dependent() -> None:
 
 
 def test_output_sorted_by_class_and_slot_for_the_slot_layout() -> None:
-    cfg = SynthesisConfig(iterations=1, **NO_AUG)
-    by_slot, labels, _ = _run(cfg, slot_batches(range(3), 2))
-    by_class, _, _ = _run(SynthesisConfig(iterations=1, batch_budget=3, **NO_AUG),
-                          class_batches(range(3), 2, 3))
+    def summed(x: Tensor, batch: SynthBatch) -> tuple[Tensor, dict[str, float]]:
+        return _conv_loss(x, batch)[0] * len(batch), {}  # separable: a sum over images
+
+    cfg = SynthesisConfig(iterations=2, **NO_AUG)
+    by_slot, labels, _ = _run(cfg, slot_batches(range(3), 2), loss_fn=summed)
+    by_class, _, _ = _run(
+        SynthesisConfig(iterations=2, batch_budget=3, **NO_AUG),
+        class_batches(range(3), 2, 3),
+        loss_fn=summed,
+    )
     assert_close(labels, torch.tensor([0, 0, 1, 1, 2, 2]))
-    assert by_slot.shape == by_class.shape == (6, *SHAPE)
+    # Without augmentation a separable loss optimises each image on its own, so both layouts
+    # give the same images once sorted by (class, slot).
+    assert_close(by_slot, by_class, atol=1e-6, rtol=0)
 
 
 def test_one_augmentation_draw_for_the_whole_batch() -> None:
@@ -222,9 +248,17 @@ def test_real_init_and_jpeg_roundtrip() -> None:
     init = real_image_init(data, seed=0)
     cfg = SynthesisConfig(iterations=1, lr=1e-6, init="real", **NO_AUG)
     batches = class_batches(range(2), 2)
-    images, _, _ = synthesize(batches=batches, loss_fn=_conv_loss, cfg=cfg, seed=0, shape=(3, 8, 8),
-                              pixel_bounds=data.pixel_bounds(), device=CPU, real_init=init,
-                              progress=False)
+    images, _, _ = synthesize(
+        batches=batches,
+        loss_fn=_conv_loss,
+        cfg=cfg,
+        seed=0,
+        shape=(3, 8, 8),
+        pixel_bounds=data.pixel_bounds(),
+        device=CPU,
+        real_init=init,
+        progress=False,
+    )
     expected = torch.stack([init(c, s) for c in range(2) for s in range(2)])
     assert_close(images, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(expected[0], expected[1])  # distinct slots, distinct images
@@ -232,9 +266,18 @@ def test_real_init_and_jpeg_roundtrip() -> None:
     with pytest.raises(ValueError, match="to_pixels"):
         _run(jpeg, batches)  # JPEG needs the dataset's normalisation
     to_pixels, from_pixels = pixel_maps(data)
-    out, _, _ = synthesize(batches=batches, loss_fn=_conv_loss, cfg=jpeg, seed=0, shape=(3, 8, 8),
-                           pixel_bounds=data.pixel_bounds(), device=CPU, progress=False,
-                           to_pixels=to_pixels, from_pixels=from_pixels)
+    out, _, _ = synthesize(
+        batches=batches,
+        loss_fn=_conv_loss,
+        cfg=jpeg,
+        seed=0,
+        shape=(3, 8, 8),
+        pixel_bounds=data.pixel_bounds(),
+        device=CPU,
+        progress=False,
+        to_pixels=to_pixels,
+        from_pixels=from_pixels,
+    )
     levels = to_pixels(out) * 255  # decoded JPEG pixels are whole 8-bit levels
     assert_close(levels, levels.round(), atol=1e-3, rtol=0)
 
@@ -243,5 +286,13 @@ def _tiny_data(per_class: int = 6) -> PreparedData:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (2 * per_class, 3, 8, 8), generator=g, dtype=torch.uint8)
     y = torch.arange(2).repeat_interleave(per_class)
-    return PreparedData(name="tiny", classes=["a", "b"], mean=(0.5, 0.4, 0.3), std=(0.25, 0.3, 0.2),
-                        train_x=x, train_y=y, val_x=x[:2], val_y=y[:2])
+    return PreparedData(
+        name="tiny",
+        classes=["a", "b"],
+        mean=(0.5, 0.4, 0.3),
+        std=(0.25, 0.3, 0.2),
+        train_x=x,
+        train_y=y,
+        val_x=x[:2],
+        val_y=y[:2],
+    )

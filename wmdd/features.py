@@ -13,6 +13,7 @@ step left is the normalisation ``(x / 255 - mean) / std``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -55,13 +56,14 @@ def extract_features(
         raise ValueError("uint8 images need a `normalize` callable (e.g. data.normalize)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    forward_features = cast(Callable[[Tensor], Tensor], model.forward_features)
     was_training = model.training
     model.eval()
     chunks = []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(device)
         x = normalize(x) if normalize is not None else x
-        chunks.append(model.forward_features(x).float().cpu())  # (b, D)
+        chunks.append(forward_features(x).float().cpu())  # (b, D)
     model.train(was_training)
     if not chunks:
         raise ValueError("extract_features: no images")

@@ -377,8 +377,8 @@ def _optimise_batch(
         loss, components = loss_fn(augment_batch(x, cfg, gen), batch)
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(
-                f"non-finite synthesis loss {float(loss.detach())} at iteration {t} of batch {batch.key} "
-                f"(components {components})"
+                f"non-finite synthesis loss {float(loss.detach())} at iteration {t} of batch "
+                f"{batch.key} (components {components})"
             )
         (x.grad,) = torch.autograd.grad(loss, [x])
         opt.step()

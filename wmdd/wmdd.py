@@ -56,9 +56,9 @@ exactly that slice of the full run.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -66,13 +66,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from wmdd.barycenter import class_barycenters, stack_supports
-from wmdd.bn_stats import (
-    BNInputRecorder,
-    BNStats,
-    batch_channel_stats,
-    global_bn_stats,
-    per_class_bn_stats,
-)
+from wmdd.bn_stats import BNInputRecorder, BNStats, global_bn_stats, per_class_bn_stats
 from wmdd.data.prepared import PreparedData
 from wmdd.features import class_features
 from wmdd.synthesis import (
@@ -152,22 +146,23 @@ def _class_groups(rows: Tensor) -> tuple[Tensor, int]:
 def grouped_channel_stats(z: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     """Per-group channel mean and biased variance of a batch of G contiguous groups.
 
-    The groups are stacked along channels, ``(G*m, C, H, W) -> (m, G*C, H, W)``, so one
-    :func:`wmdd.bn_stats.batch_channel_stats` call gives every group's statistics over its
-    m images x H x W.
+    For group g (images ``g*m .. (g+1)*m - 1``) and channel ch, the statistics over the
+    group's m images x H x W, i.e. :func:`wmdd.bn_stats.batch_channel_stats` of each group,
+    computed for all groups at once with a two-pass formula on a (G, m, C, H*W) view (no copy;
+    about 3x faster on CPU than one ``var_mean`` call per group or over permuted dimensions).
 
     Args:
-        z: BN input (G * m, C, H, W), images of a group contiguous.
+        z: BN input (G * m, C, H, W), the images of a group contiguous.
         groups: G.
 
     Returns:
         ``(mean, var)``, each (G, C); differentiable.
     """
-    n, c, h, w = z.shape
-    m = n // groups
-    stacked = z.reshape(groups, m, c, h, w).transpose(0, 1).reshape(m, groups * c, h, w)
-    mean, var = batch_channel_stats(stacked)  # (G*C,), (G*C,)
-    return mean.view(groups, c), var.view(groups, c)
+    n, c = z.shape[:2]
+    zg = z.reshape(groups, n // groups, c, -1)  # (G, m, C, H*W)
+    mean = zg.mean(dim=(1, 3))  # (G, C)
+    var = (zg - mean[:, None, :, None]).square().mean(dim=(1, 3))  # (G, C), biased
+    return mean, var
 
 
 def _mean_norm(diff: Tensor, squared: bool) -> Tensor:
@@ -262,9 +257,11 @@ def teacher_forward(
     teacher: nn.Module, recorder: BNInputRecorder, x: Tensor
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """One teacher forward: (features (b, D), logits (b, num_classes), BN inputs per layer)."""
+    forward_features = cast(Callable[[Tensor], Tensor], teacher.forward_features)
+    forward_head = cast(Callable[[Tensor], Tensor], teacher.forward_head)
     recorder.clear()
-    features = teacher.forward_features(x)  # (b, D)
-    logits = teacher.forward_head(features)  # (b, num_classes)
+    features = forward_features(x)  # (b, D)
+    logits = forward_head(features)  # (b, num_classes)
     return features, logits, recorder.inputs
 
 
