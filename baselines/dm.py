@@ -36,9 +36,8 @@ Departures from the official code (github VICO-UoE/DatasetCondensation, ``main_D
   ``aux["used"]``), since 256 real images x 1000 classes per iteration is infeasible at 224 px.
   Classes outside an iteration's subset get a zero gradient (their momentum still decays).
 * Embedder depth ``embed_depth=0`` means "by resolution": ``round(log2(res / 4))`` clamped to
-  >= 1 (3 at 32 px, 4 at 64, 5 at 128), then lowered until ``2**depth`` divides the
-  resolution, because :class:`wmdd.models.ConvNet` requires exact halving. At 224 px this gives
-  depth 5 (7x7 features) where the official code uses 6 (flooring 7 -> 3 px).
+  >= 1 (3 at 32 px, 4 at 64, 5 at 128, 6 at 224 where pooling floors 7 -> 3 px, as in the
+  official code).
 * Embedder norm is ``instance`` or ``none``; the official BN variant normalises one batch over
   all classes, which would couple the classes.
 """
@@ -49,13 +48,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from baselines.random_subset import check_ipc
 from wmdd.data.prepared import PreparedData
 from wmdd.dsa import DSAConfig, dsa, dsa_augment
 from wmdd.models import create_model
@@ -136,16 +134,12 @@ def dm_loss(embed_real_by_class: Sequence[Tensor], embed_syn_by_class: Sequence[
 def embedder_depth(resolution: int, depth: int = 0) -> int:
     """The embedder depth: ``depth`` if positive, else chosen from the resolution.
 
-    Automatic depth is ``round(log2(resolution / 4))`` clamped to >= 1 (32 px -> 3, 64 -> 4,
-    128 -> 5, 16 -> 2), lowered until ``2**depth`` divides ``resolution`` (224 -> 5, not the
-    official 6; see the module docstring).
+    Automatic depth is ``round(log2(resolution / 4))`` clamped to >= 1 (16 px -> 2, 32 -> 3,
+    64 -> 4, 128 -> 5, 224 -> 6 as in the official code, whose pooling floors 7 -> 3 px).
     """
     if depth > 0:
         return depth
-    auto = max(1, round(math.log2(resolution / 4)))
-    while auto > 1 and resolution % 2**auto:
-        auto -= 1
-    return auto
+    return max(1, round(math.log2(resolution / 4)))
 
 
 def make_embedder(
@@ -273,7 +267,7 @@ def dm_iteration(
     Args:
         syn: (len(classes) * ipc, C, H, W) leaf tensor, ordered by (class, slot).
     """
-    total = 0.0
+    total = syn.new_zeros(())
     for i, c in enumerate(classes):
         if c not in active:
             continue
@@ -287,10 +281,11 @@ def dm_iteration(
             dsa_config=config.dsa_config,
         )
         loss.backward()
-        total += float(loss.detach())
-    if not math.isfinite(total):
-        raise FloatingPointError(f"DM: non-finite loss {total} at iteration {iteration}")
-    return total
+        total = total + loss.detach()
+    value = float(total)  # one device sync per iteration
+    if not math.isfinite(value):
+        raise FloatingPointError(f"DM: non-finite loss {value} at iteration {iteration}")
+    return value
 
 
 def _embed_fn(
@@ -305,10 +300,10 @@ def _embed_fn(
     """The embedding of ``iteration``: the teacher's features or a fresh random ConvNet's."""
     if config.feature_space == "teacher":
         assert teacher is not None
-        return teacher.forward_features
-    return make_embedder(
-        data, config, seed=seed, iteration=iteration, device=device
-    ).forward_features
+        net = teacher
+    else:
+        net = make_embedder(data, config, seed=seed, iteration=iteration, device=device)
+    return cast(EmbedFn, net.forward_features)  # every wmdd.models model has it
 
 
 def dm(
@@ -320,6 +315,7 @@ def dm(
     config: DMConfig,
     seed: int,
     device: torch.device,
+    progress: bool = True,
 ) -> SyntheticSet:
     """Distils ``ipc`` images per class of ``classes`` by distribution matching.
 
@@ -339,7 +335,7 @@ def dm(
     """
     if config.feature_space == "teacher" and teacher is None:
         raise ValueError("DM with feature_space='teacher' needs a teacher")
-    check_ipc(data, classes, ipc)
+    data.check_ipc(classes, ipc)
     classes = list(classes)
     start = time.perf_counter()
     syn = real_init(data, classes, ipc, seed=seed, device=device).requires_grad_(True)
@@ -348,7 +344,7 @@ def dm(
     optimizer = torch.optim.SGD([syn], lr=lr, momentum=config.momentum)
     init_seconds = time.perf_counter() - start
     losses = []
-    for it in tqdm(range(config.iterations), desc=f"DM ipc{ipc}", mininterval=10.0):
+    for it in tqdm(range(config.iterations), desc=f"DM ipc{ipc}", disable=not progress):
         syn.grad = torch.zeros_like(syn)  # classes outside the subset step with zero gradient
         embed = _embed_fn(teacher, data, config, seed=seed, iteration=it, device=device)
         active = active_classes(
@@ -372,7 +368,8 @@ def dm(
     used = {
         "real_per_class": config.real_per_class,
         "real_per_class_effective": sorted({sampler.batch_size(c) for c in classes}),
-        "classes_per_iteration": config.classes_per_iteration or data.num_classes,
+        "classes_per_iteration": min(config.classes_per_iteration, data.num_classes)
+        or data.num_classes,
         "iterations": config.iterations,
         "embed_depth": embedder_depth(data.resolution, config.embed_depth)
         if config.feature_space == "embedder"

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from baselines.random_subset import check_ipc
 from wmdd.data.prepared import PreparedData
+from wmdd.features import extract_features
 from wmdd.synthetic import SyntheticSet
 
 
@@ -88,28 +88,6 @@ def _first_argmin(values: Tensor) -> int:
     return int(torch.nonzero(values == minimum)[0, 0].item())
 
 
-@torch.no_grad()
-def class_features(
-    teacher: nn.Module,
-    data: PreparedData,
-    c: int,
-    *,
-    batch_size: int,
-    device: torch.device,
-) -> Tensor:
-    """Teacher penultimate features of every training image of class ``c``, in dataset order.
-
-    Returns:
-        (n_c, D) float tensor on the CPU.
-    """
-    pool = data.train_of_class(c)  # (n_c, C, H, W) uint8
-    chunks = [
-        teacher.forward_features(data.normalize(pool[i : i + batch_size].to(device))).cpu()
-        for i in range(0, len(pool), batch_size)
-    ]  # each (b, D)
-    return torch.cat(chunks)
-
-
 def herding(
     *,
     teacher: nn.Module | None,
@@ -119,6 +97,7 @@ def herding(
     config: HerdingConfig,
     seed: int,
     device: torch.device,
+    progress: bool = False,
 ) -> SyntheticSet:
     """Selects ``ipc`` real images per class by herding on the teacher's features.
 
@@ -139,16 +118,23 @@ def herding(
         order), with ``aux["train_indices"]`` (indices into ``data.train_x``) and
         ``aux["timings"]``.
     """
-    del seed
+    del seed, progress
     if teacher is None:
         raise ValueError("herding needs a teacher (its penultimate features are herded)")
-    check_ipc(data, classes, ipc)
+    data.check_ipc(classes, ipc)
     start = time.perf_counter()
     images, labels, indices = [], [], []
     for c in classes:
-        phi = class_features(teacher, data, c, batch_size=config.feature_batch_size, device=device)
+        pool = data.train_of_class(c)  # (n_c, C, H, W) uint8, dataset order
+        phi = extract_features(
+            teacher,
+            pool,
+            batch_size=config.feature_batch_size,
+            device=device,
+            normalize=data.normalize,
+        )  # (n_c, D)
         pick = herding_select(phi, ipc)  # (ipc,) indices within the class
-        images.append(data.normalize(data.train_of_class(c)[pick]))
+        images.append(data.normalize(pool[pick]))
         labels.append(torch.full((ipc,), c, dtype=torch.long))
         indices.append(torch.nonzero(data.train_y == c).flatten()[pick])
     aux = {

@@ -23,17 +23,6 @@ class RandomConfig:
     draw: int = 0  # which subset: each value gives an independent, reproducible draw
 
 
-def check_ipc(data: PreparedData, classes: Sequence[int], ipc: int) -> None:
-    """Raises a ValueError naming the class when it has fewer than ``ipc`` training images."""
-    counts = data.class_counts("train")
-    for c in classes:
-        if counts[c] < ipc:
-            raise ValueError(
-                f"IPC {ipc} is larger than the {counts[c]} training images of class {c} "
-                f"({data.classes[c]!r}); choose ipc <= {min(counts[k] for k in classes)}"
-            )
-
-
 def random_subset(
     *,
     teacher: nn.Module | None,
@@ -51,7 +40,7 @@ def random_subset(
     any class range gives the same images as a full run.
     """
     del teacher, device, progress
-    check_ipc(data, classes, ipc)
+    data.check_ipc(classes, ipc)
     images, labels = [], []
     for c in classes:
         pool = data.train_of_class(c)  # (n_c, C, R, R) uint8

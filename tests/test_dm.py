@@ -61,7 +61,7 @@ def test_dm_loss_gradient_reaches_synthetic_embeddings() -> None:
 
 
 @pytest.mark.parametrize(
-    ("resolution", "depth"), [(32, 3), (64, 4), (128, 5), (224, 5), (16, 2), (8, 1), (4, 1)]
+    ("resolution", "depth"), [(32, 3), (64, 4), (128, 5), (224, 6), (16, 2), (8, 1), (4, 1)]
 )
 def test_embedder_depth_by_resolution(resolution: int, depth: int) -> None:
     assert embedder_depth(resolution) == depth

@@ -15,7 +15,6 @@ from wmdd.synthesis import (
     SynthesisConfig,
     augment_batch,
     check_aligned,
-    check_ipc,
     class_batches,
     cosine_lr,
     default_jitter,
@@ -106,9 +105,9 @@ def test_cosine_lr() -> None:
 
 def test_check_ipc_names_the_short_class() -> None:
     data = _tiny_data(per_class=3)
-    check_ipc(data, range(2), 3)
+    data.check_ipc(range(2), 3)
     with pytest.raises(ValueError, match="class 0"):
-        check_ipc(data, range(2), 4)
+        data.check_ipc(range(2), 4)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -240,7 +240,7 @@ class HardProtocolConfig:
     lr: float = 0.01  # SGD learning rate, x0.1 at the midpoint
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # SGD weight decay
-    dsa: bool = True  # DSA augmentation on every batch
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"  # DSA on every batch ("" = none)
     eval_batch_size: int = 256  # batch size for validation
 
 

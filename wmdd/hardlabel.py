@@ -31,13 +31,13 @@ def train_student_hard(*, student: nn.Module, images: Tensor, labels: Tensor, va
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[cfg.epochs // 2], gamma=0.1)
     gen = generator(seed, "hard-label")
     images, labels = images.to(device), labels.to(device)
-    dsa_cfg = DSAConfig()
+    dsa_cfg = DSAConfig(strategy=cfg.dsa_strategy) if cfg.dsa_strategy else None
     for e in tqdm(range(cfg.epochs), desc="student (hard)", unit="epoch", disable=not progress):
         order = torch.randperm(len(images), generator=gen).to(device)
         for start in range(0, len(images), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             x = images[idx]
-            if cfg.dsa:
+            if dsa_cfg is not None:
                 x, _ = dsa(x, generator=gen, config=dsa_cfg, siamese=False)
             loss = F.cross_entropy(student(x), labels[idx])
             if not torch.isfinite(loss):

@@ -98,10 +98,8 @@ class ConvNet(nn.Module):
         norm: Literal["instance", "batch", "none"] = "instance",
     ) -> None:
         super().__init__()
-        if resolution % (2**depth) != 0:
-            raise ValueError(
-                f"convnet: resolution {resolution} must be divisible by 2**depth = {2**depth}"
-            )
+        if resolution < 2**depth:
+            raise ValueError(f"convnet: resolution {resolution} is too small for depth {depth}")
         layers: list[nn.Module] = []
         channels = in_chans
         for _ in range(depth):
@@ -113,7 +111,9 @@ class ConvNet(nn.Module):
             ]
             channels = width
         self.features = nn.Sequential(*layers)
-        side = resolution // 2**depth
+        side = resolution
+        for _ in range(depth):
+            side //= 2  # AvgPool2d(2) floors, as in the official code (224 px, depth 6 -> 3)
         self.num_features = width * side * side
         self.classifier = nn.Linear(self.num_features, num_classes)
 

@@ -68,7 +68,6 @@ __all__ = [
     "SynthesisConfig",
     "augment_batch",
     "check_aligned",
-    "check_ipc",
     "class_batches",
     "cosine_lr",
     "default_jitter",
@@ -267,23 +266,12 @@ def slot_batches(
     ]
 
 
-def check_ipc(data: PreparedData, classes: Sequence[int], ipc: int) -> None:
-    """Raise a ValueError naming the class when it has fewer than ``ipc`` training images."""
-    counts = data.class_counts("train")
-    for c in classes:
-        if counts[c] < ipc:
-            raise ValueError(
-                f"IPC {ipc} is larger than the {counts[c]} training images of class {c} "
-                f"({data.classes[c]!r}); choose ipc <= {min(counts[k] for k in classes)}"
-            )
-
-
 def real_image_init(data: PreparedData, seed: int) -> Callable[[int, int], Tensor]:
     """``real_init`` for :func:`synthesize`: slot m of class c starts as a real image.
 
     The image is entry m of a permutation of the class's training images drawn from
     ``generator(seed, "real_init", c)`` (so slots are distinct and shard-independent), in
-    normalised space, shape (C, H, W). Check ``ipc`` with :func:`check_ipc` first.
+    normalised space, shape (C, H, W). Check ``ipc`` with ``data.check_ipc`` first.
     """
     cache: dict[int, tuple[Tensor, Tensor]] = {}
 

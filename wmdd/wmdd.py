@@ -72,7 +72,6 @@ from wmdd.features import class_features
 from wmdd.synthesis import (
     SynthBatch,
     SynthesisConfig,
-    check_ipc,
     class_batches,
     pixel_maps,
     real_image_init,
@@ -400,7 +399,7 @@ def _check_inputs(
     if ipc < 1:
         raise ValueError(f"ipc must be >= 1, got {ipc}")
     if config.synthesis.init == "real":
-        check_ipc(data, classes, ipc)
+        data.check_ipc(classes, ipc)
 
 
 def wmdd_distill(

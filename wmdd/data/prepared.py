@@ -74,6 +74,17 @@ class PreparedData:
         y = self.train_y if split == "train" else self.val_y
         return torch.bincount(y, minlength=self.num_classes).tolist()
 
+    def check_ipc(self, classes, ipc: int) -> None:
+        """Raises a ValueError naming the class when it has fewer than ``ipc`` training images
+        (methods that select or start from real images need ``ipc`` distinct ones)."""
+        counts = self.class_counts("train")
+        for c in classes:
+            if counts[c] < ipc:
+                raise ValueError(
+                    f"IPC {ipc} is larger than the {counts[c]} training images of class {c} "
+                    f"({self.classes[c]!r}); choose ipc <= {min(counts[k] for k in classes)}"
+                )
+
     def train_of_class(self, c: int) -> Tensor:
         """uint8 training images of class ``c``, in dataset order: (n_c, C, R, R)."""
         return self.train_x[self.train_y == c]
