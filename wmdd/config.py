@@ -58,6 +58,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:  # Optional[X]: X's own error names the key and what was expected
+            return _convert(value, non_none[0], path)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -65,7 +68,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         expected = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{path}: expected {expected}, got {_describe(value)}")
+        raise ConfigError(f"{path}: expected {expected}, got {_describe(value)} "
+                          f"({'; '.join(errors)})")
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -283,7 +287,7 @@ class BenchmarkConfig:
 class Params:
     benchmark: BenchmarkConfig
     datasets: dict[str, ProfileConfig]
-    methods: dict[str, dict[str, Any]]  # validated per method by pipelines.registry
+    methods: dict[str, dict[str, Any] | None]  # validated per method by pipelines.registry
 
     def profile(self, name: str) -> ProfileConfig:
         """The profile ``name`` or a ConfigError listing the known ones."""

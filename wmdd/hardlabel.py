@@ -34,6 +34,7 @@ def train_student_hard(*, student: nn.Module, images: Tensor, labels: Tensor, va
     dsa_cfg = DSAConfig(strategy=cfg.dsa_strategy) if cfg.dsa_strategy else None
     for e in tqdm(range(cfg.epochs), desc="student (hard)", unit="epoch", disable=not progress):
         order = torch.randperm(len(images), generator=gen).to(device)
+        total = 0.0
         for start in range(0, len(images), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             x = images[idx]
@@ -45,9 +46,10 @@ def train_student_hard(*, student: nn.Module, images: Tensor, labels: Tensor, va
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            total += loss.item() * len(idx)
         sched.step()
     acc = evaluate(student, val_x, val_y, batch_size=cfg.eval_batch_size, device=device,
                    normalize=normalize)
-    history = [{"epoch": cfg.epochs, "loss": float(loss), "top1": acc.top1, "top5": acc.top5}]
+    history = [{"epoch": cfg.epochs, "loss": total / len(images), "top1": acc.top1, "top5": acc.top5}]
     return {"top1": acc.top1, "top5": acc.top5, "best_top1": acc.top1,
             "best_epoch": cfg.epochs, "history": history}

@@ -62,7 +62,7 @@ def find_split_root(path: Path) -> tuple[Path, str]:
     Raises:
         LayoutError: saying what was expected and what was found.
     """
-    subdirs = [p for p in path.iterdir() if p.is_dir()]
+    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(("__MACOSX", "."))]
     for root in [path] + (subdirs if len(subdirs) == 1 else []):
         for val_name in ("val", "test"):
             if (root / "train").is_dir() and (root / val_name).is_dir():

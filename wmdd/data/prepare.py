@@ -27,6 +27,7 @@ def prepare_dataset(cfg: DataConfig, out_dir: Path) -> dict:
     failure leaves no partial output. Returns the manifest.
     """
     info, reader = get_dataset(cfg.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
     raw = reader(cfg, out_dir)
     _check_raw(raw, cfg.name)
     if info.mean is not None and info.std is not None:

@@ -1,0 +1,375 @@
+"""Tests of the strict params.yaml loader (wmdd.config) and the method config merge
+(pipelines.registry.method_config)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from baselines.random_subset import RandomConfig
+from pipelines.registry import method_config, validate_methods
+from wmdd.config import (
+    BenchmarkConfig,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    Params,
+    SoftProtocolConfig,
+    flatten,
+    from_dict,
+    load_params,
+    short_hash,
+    to_dict,
+)
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict[str, Any]:
+    """The real params.yaml as plain data (tests mutate deep copies)."""
+    return yaml.safe_load(PARAMS.read_text())
+
+
+def _write(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _load_modified(tmp_path: Path, raw: dict[str, Any], edit) -> Params:
+    data = copy.deepcopy(raw)
+    edit(data)
+    return load_params(_write(tmp_path, data))
+
+
+def _error(tmp_path: Path, raw: dict[str, Any], edit) -> str:
+    with pytest.raises(ConfigError) as info:
+        _load_modified(tmp_path, raw, edit)
+    return str(info.value)
+
+
+# -- the real file ------------------------------------------------------------------------
+
+
+def _assert_values_from_yaml(raw: Any, parsed: Any, path: str = "") -> None:
+    """Every value written in the YAML arrives unchanged in the parsed config."""
+    if isinstance(raw, dict):
+        assert isinstance(parsed, dict), path
+        for key, value in raw.items():
+            assert key in parsed, f"{path}.{key}"
+            _assert_values_from_yaml(value, parsed[key], f"{path}.{key}")
+    elif isinstance(raw, list):
+        assert list(parsed) == raw, path
+    else:
+        assert parsed == raw and type(parsed) in (type(raw), float), path
+
+
+def test_real_params_load(raw) -> None:
+    params = load_params(PARAMS)
+    assert isinstance(params, Params)
+    _assert_values_from_yaml(raw, to_dict(params))
+    assert set(params.benchmark.datasets) <= set(params.datasets)
+    assert set(params.benchmark.methods) <= set(params.methods)
+    assert all(isinstance(i, int) and i >= 1 for i in params.benchmark.ipcs)
+    for name, profile in params.datasets.items():
+        assert isinstance(profile.data, DataConfig), name
+        crop = profile.teacher.crop_scale
+        assert isinstance(crop, tuple) and all(isinstance(v, float) for v in crop), name
+        assert isinstance(profile.teacher.model, ModelConfig), name
+        if profile.protocol.kind == "soft":
+            assert isinstance(profile.protocol.selected(), SoftProtocolConfig), name
+    validate_methods(params)  # every method section parses for every profile
+
+
+def test_round_trip_through_to_dict(raw: dict[str, Any], tmp_path: Path) -> None:
+    params = load_params(PARAMS)
+    again = load_params(_write(tmp_path, to_dict(params)))
+    assert again == params
+
+
+def test_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("benchmark: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_unknown_profile_lookup_lists_known() -> None:
+    params = load_params(PARAMS)
+    with pytest.raises(ConfigError, match=r"unknown dataset profile 'nope'; known: digits"):
+        params.profile("nope")
+
+
+# -- unknown keys ------------------------------------------------------------------------
+
+
+def test_unknown_top_level_key(raw, tmp_path) -> None:
+    msg = _error(tmp_path, raw, lambda d: d.update(benchmarks={}))
+    assert "'benchmarks'" in msg
+    assert "expected keys: benchmark, datasets, methods" in msg
+
+
+def test_unknown_nested_key_names_dotted_path_and_expected_keys(raw, tmp_path) -> None:
+    msg = _error(tmp_path, raw, lambda d: d["datasets"]["digits"]["teacher"].update(epochz=3))
+    assert "datasets.digits.teacher" in msg
+    assert "'epochz'" in msg
+    assert "expected keys: model, epochs, batch_size, lr" in msg
+
+
+def test_unknown_key_in_benchmark(raw, tmp_path) -> None:
+    msg = _error(tmp_path, raw, lambda d: d["benchmark"].update(ipc=[1]))
+    assert "benchmark" in msg and "'ipc'" in msg and "ipcs" in msg
+
+
+def test_unknown_key_inside_optional_section_names_the_key(raw, tmp_path) -> None:
+    msg = _error(
+        tmp_path, raw, lambda d: d["datasets"]["digits"]["protocol"]["soft"].update(epochz=3)
+    )
+    assert "datasets.digits.protocol.soft" in msg
+    assert "'epochz'" in msg
+    assert "expected keys:" in msg
+
+
+def test_unknown_key_inside_optional_section_still_fails(raw, tmp_path) -> None:
+    msg = _error(
+        tmp_path, raw, lambda d: d["datasets"]["digits"]["protocol"]["soft"].update(epochz=3)
+    )
+    assert "datasets.digits.protocol.soft" in msg
+
+
+# -- wrong types -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("teacher", "epochs", "ten", "expected int, got str 'ten'"),
+        ("teacher", "epochs", True, "expected int, got bool True"),
+        ("teacher", "epochs", 2.5, "expected int, got float 2.5"),
+        ("teacher", "lr", "0.1", "expected float, got str '0.1'"),
+        ("teacher", "lr", False, "expected float, got bool False"),
+        ("teacher", "flip", 1, "expected bool (true/false), got int 1"),
+        ("teacher", "flip", "yes", "expected bool (true/false), got str 'yes'"),
+        ("data", "name", 3, "expected str, got int 3"),
+        ("data", "resolution", "16", "expected int, got str '16'"),
+    ],
+)
+def test_wrong_type_names_key_and_expected_type(
+    raw, tmp_path, section, key, value, expected
+) -> None:
+    msg = _error(tmp_path, raw, lambda d: d["datasets"]["digits"][section].update({key: value}))
+    assert f"datasets.digits.{section}.{key}: {expected}" in msg
+
+
+def test_int_is_accepted_for_float(raw, tmp_path) -> None:
+    params = _load_modified(
+        tmp_path, raw, lambda d: d["datasets"]["digits"]["teacher"].update(lr=1)
+    )
+    lr = params.datasets["digits"].teacher.lr
+    assert lr == 1.0 and isinstance(lr, float)
+
+
+def test_wrong_tuple_length_and_item_type(raw, tmp_path) -> None:
+    msg = _error(
+        tmp_path,
+        raw,
+        lambda d: d["datasets"]["digits"]["teacher"].update(crop_scale=[0.1, 0.5, 1.0]),
+    )
+    assert "datasets.digits.teacher.crop_scale: expected a list of 2, got 3 items" in msg
+    msg = _error(
+        tmp_path, raw, lambda d: d["datasets"]["digits"]["teacher"].update(crop_scale=[0.1, "x"])
+    )
+    assert "datasets.digits.teacher.crop_scale[1]: expected float" in msg
+
+
+def test_wrong_item_type_in_variadic_tuple(raw, tmp_path) -> None:
+    msg = _error(tmp_path, raw, lambda d: d["benchmark"].update(ipcs=[1, "10"]))
+    assert "benchmark.ipcs[1]: expected int, got str '10'" in msg
+    msg = _error(tmp_path, raw, lambda d: d["benchmark"].update(ipcs=10))
+    assert "benchmark.ipcs: expected a list, got int 10" in msg
+
+
+def test_section_that_is_not_a_mapping(raw, tmp_path) -> None:
+    msg = _error(tmp_path, raw, lambda d: d["datasets"]["digits"].update(teacher=[1, 2]))
+    assert "datasets.digits.teacher: expected a mapping" in msg
+
+
+# -- missing keys, Literals, cross-checks -------------------------------------------------
+
+
+def test_missing_required_key(raw, tmp_path) -> None:
+    msg = _error(tmp_path, raw, lambda d: d["benchmark"].pop("ipcs"))
+    assert "benchmark: missing required key 'ipcs'" in msg
+    msg = _error(tmp_path, raw, lambda d: d["datasets"]["digits"]["teacher"].pop("model"))
+    assert "datasets.digits.teacher: missing required key 'model'" in msg
+
+
+def test_optional_key_falls_back_to_default(raw, tmp_path) -> None:
+    params = _load_modified(
+        tmp_path, raw, lambda d: d["datasets"]["digits"]["teacher"].pop("momentum")
+    )
+    assert params.datasets["digits"].teacher.momentum == 0.9
+
+
+def test_literal_violation_lists_choices(raw, tmp_path) -> None:
+    msg = _error(tmp_path, raw, lambda d: d["datasets"]["digits"]["protocol"].update(kind="x"))
+    assert "datasets.digits.protocol.kind: expected one of 'soft', 'hard', got 'x'" in msg
+
+
+def test_literal_violation_direct() -> None:
+    soft = {"student": {"name": "convnet"}, "relabel_mode": "bogus"}
+    with pytest.raises(ConfigError, match=r"p\.relabel_mode: expected one of 'stored', 'online'"):
+        from_dict(SoftProtocolConfig, soft, path="p")
+
+
+def test_literal_violation_inside_optional_section_lists_choices(raw, tmp_path) -> None:
+    msg = _error(
+        tmp_path,
+        raw,
+        lambda d: d["datasets"]["digits"]["protocol"]["soft"].update(relabel_mode="bogus"),
+    )
+    assert "datasets.digits.protocol.soft.relabel_mode" in msg
+    assert "'stored', 'online'" in msg
+
+
+def test_selected_protocol_missing(raw, tmp_path) -> None:
+    def edit(d):
+        d["datasets"]["digits"]["protocol"]["kind"] = "hard"
+        d["datasets"]["digits"]["protocol"].pop("hard")
+
+    msg = _error(tmp_path, raw, edit)
+    assert "datasets.digits.protocol.kind is 'hard' but protocol.hard is missing" in msg
+
+
+def test_benchmark_unknown_profile(raw, tmp_path) -> None:
+    msg = _error(tmp_path, raw, lambda d: d["benchmark"].update(datasets=["digits", "cifar"]))
+    assert "benchmark.datasets: 'cifar' is not a key of `datasets`" in msg
+    assert "known: digits" in msg
+
+
+def test_benchmark_unknown_method(raw, tmp_path) -> None:
+    msg = _error(tmp_path, raw, lambda d: d["benchmark"].update(methods=["random", "wmdd2"]))
+    assert "benchmark.methods: 'wmdd2' is not a key of `methods`" in msg
+    assert re.search(r"\(known: [^)]*\brandom\b", msg)
+
+
+@pytest.mark.parametrize("ipcs", [[0], [1, -3]])
+def test_ipc_below_one(raw, tmp_path, ipcs) -> None:
+    msg = _error(tmp_path, raw, lambda d: d["benchmark"].update(ipcs=ipcs))
+    assert f"benchmark.ipcs[{len(ipcs) - 1}]: expected a positive int, got {ipcs[-1]}" in msg
+
+
+def test_no_eval_seeds(raw, tmp_path) -> None:
+    msg = _error(tmp_path, raw, lambda d: d["benchmark"].update(eval_seeds=[]))
+    assert "benchmark.eval_seeds" in msg
+
+
+# -- method configs ----------------------------------------------------------------------
+
+
+def test_method_config_defaults_and_overrides(raw, tmp_path) -> None:
+    def edit(d):
+        d["datasets"]["other"] = copy.deepcopy(d["datasets"]["digits"])
+        d["methods"]["random"] = {"draw": 3, "overrides": {"other": {"draw": 7}}}
+
+    params = _load_modified(tmp_path, raw, edit)
+    assert method_config(params, "random", "digits") == RandomConfig(draw=3)
+    assert method_config(params, "random", "other") == RandomConfig(draw=7)
+
+
+def test_method_config_empty_section_gives_defaults(raw, tmp_path) -> None:
+    params = _load_modified(tmp_path, raw, lambda d: d["methods"].update(random={}))
+    assert method_config(params, "random", "digits") == RandomConfig()
+
+
+def test_method_config_unknown_key_in_overrides(raw, tmp_path) -> None:
+    params = _load_modified(
+        tmp_path, raw, lambda d: d["methods"]["random"].update(overrides={"digits": {"draww": 1}})
+    )
+    with pytest.raises(ConfigError) as info:
+        method_config(params, "random", "digits")
+    msg = str(info.value)
+    assert "methods.random" in msg and "overrides.digits" in msg
+    assert "'draww'" in msg and "expected keys: draw" in msg
+    with pytest.raises(ConfigError, match="draww"):
+        validate_methods(params)
+
+
+def test_method_config_wrong_type_in_section(raw, tmp_path) -> None:
+    params = _load_modified(tmp_path, raw, lambda d: d["methods"]["random"].update(draw="0"))
+    with pytest.raises(ConfigError, match=r"methods\.random\.draw: expected int, got str '0'"):
+        method_config(params, "random", "digits")
+
+
+def test_method_config_unknown_override_profile(raw, tmp_path) -> None:
+    params = _load_modified(
+        tmp_path, raw, lambda d: d["methods"]["random"].update(overrides={"imagenet": {"draw": 1}})
+    )
+    with pytest.raises(ConfigError) as info:
+        method_config(params, "random", "digits")
+    msg = str(info.value)
+    assert "methods.random" in msg and "'imagenet'" in msg
+    assert re.search(r"known: \[[^]]*'digits'", msg)
+
+
+def test_method_config_overrides_not_a_mapping(raw, tmp_path) -> None:
+    params = _load_modified(tmp_path, raw, lambda d: d["methods"]["random"].update(overrides=[1]))
+    with pytest.raises(ConfigError, match=r"methods\.random\.overrides: expected a mapping"):
+        method_config(params, "random", "digits")
+
+
+def test_unknown_method_lists_registered() -> None:
+    params = load_params(PARAMS)
+    with pytest.raises(ConfigError, match=r"unknown method 'nope'; registered: .*random"):
+        method_config(params, "nope", "digits")
+
+
+# -- hashing and flattening --------------------------------------------------------------
+
+
+def test_short_hash_stable_and_sensitive() -> None:
+    a = load_params(PARAMS)
+    b = load_params(PARAMS)
+    assert short_hash(a) == short_hash(b)
+    assert len(short_hash(a)) == 10 and len(short_hash(a, length=16)) == 16
+    assert short_hash({"x": 1, "y": 2}) == short_hash({"y": 2, "x": 1})  # key order ignored
+    assert short_hash({"x": 1}) != short_hash({"x": 2})
+    assert short_hash({"x": 1.0}) != short_hash({"x": 1.5})
+    bench = a.benchmark
+    changed = BenchmarkConfig(
+        bench.datasets, bench.methods, bench.ipcs, bench.eval_seeds, seed=bench.seed + 1
+    )
+    assert short_hash(changed) != short_hash(bench)
+    # A known answer: pins the serialisation, so a change of format (and of every stored
+    # hash) cannot happen silently.
+    import hashlib
+
+    expected = hashlib.sha256(b'{"a":[1,2],"b":{"c":"x"}}').hexdigest()[:10]
+    assert short_hash({"b": {"c": "x"}, "a": (1, 2)}) == expected
+
+
+def test_flatten() -> None:
+    data = {"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x", "f": {}}
+    assert flatten(data) == {"a.b": 1, "a.c.d": [1, 2], "e": "x", "f": "{}"}
+    assert flatten({"k": 1}, "data.") == {"data.k": 1}
+    flat = flatten(DataConfig(name="digits", resolution=16), "data.")
+    assert flat == {
+        "data.name": "digits",
+        "data.source": "builtin",
+        "data.resolution": 16,
+        "data.val_fraction": 0.2,
+        "data.split_seed": 0,
+        "data.skip_corrupt": False,
+        "data.sha256": "",
+    }
