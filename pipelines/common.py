@@ -11,14 +11,20 @@ from collections.abc import Callable
 from wmdd.config import ConfigError, Params, load_params
 
 
-def base_parser(description: str, *, dataset: bool = True, method: bool = False,
-                ipc: bool = False) -> argparse.ArgumentParser:
+def base_parser(
+    description: str, *, dataset: bool = True, method: bool = False, ipc: bool = False
+) -> argparse.ArgumentParser:
     """The arguments every stage shares; stage-specific ones are added by the caller."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="parameter file (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--params", default="params.yaml", help="parameter file (default: %(default)s)"
+    )
     if dataset:
-        parser.add_argument("--dataset", required=True, help="dataset profile (a key of `datasets`)")
+        parser.add_argument(
+            "--dataset", required=True, help="dataset profile (a key of `datasets`)"
+        )
     if method:
         parser.add_argument("--method", required=True, help="method (a key of `methods`)")
     if ipc:
@@ -28,8 +34,12 @@ def base_parser(description: str, *, dataset: bool = True, method: bool = False,
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
 
 
 def load_checked(path: str) -> Params:

@@ -23,8 +23,14 @@ from wmdd.data import load_prepared
 from wmdd.synthetic import AUX_FILE, META_FILE, PREVIEW_FILE, SET_FILE, preview_grid
 from wmdd.teacher import load_teacher
 from wmdd.tracking import stage_run
-from wmdd.utils import (atomic_dir, derive_seed, peak_memory_mb, reset_peak_memory,
-                        resolve_device, write_json)
+from wmdd.utils import (
+    atomic_dir,
+    derive_seed,
+    peak_memory_mb,
+    reset_peak_memory,
+    resolve_device,
+    write_json,
+)
 
 
 def parse_classes(spec: str | None, num_classes: int) -> range:
@@ -54,31 +60,62 @@ def main(argv: list[str] | None = None) -> None:
     teacher = load_teacher(teacher_file, device=device) if spec.needs_teacher else None
     seed = derive_seed(params.benchmark.seed, args.dataset, args.method)
     inputs = [paths.data_dir(args.dataset)] + ([teacher_file] if spec.needs_teacher else [])
-    tags = {"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name, "method": args.method,
-            "ipc": args.ipc, "classes": f"{classes.start}:{classes.stop}"}
-    with stage_run(experiment=params.benchmark.experiment, stage="distill",
-                   run_name=f"distill/{args.dataset}/{args.method}/ipc{args.ipc}", tags=tags,
-                   params={**flatten(config, "method."), "seed": seed, "ipc": args.ipc},
-                   inputs=inputs, device=device) as mlflow:
+    tags = {
+        "dataset": args.dataset,
+        "budget": profile.budget,
+        "dataset_name": profile.data.name,
+        "method": args.method,
+        "ipc": args.ipc,
+        "classes": f"{classes.start}:{classes.stop}",
+    }
+    with stage_run(
+        experiment=params.benchmark.experiment,
+        stage="distill",
+        run_name=f"distill/{args.dataset}/{args.method}/ipc{args.ipc}",
+        tags=tags,
+        params={**flatten(config, "method."), "seed": seed, "ipc": args.ipc},
+        inputs=inputs,
+        device=device,
+    ) as mlflow:
         reset_peak_memory(device)
         start = time.perf_counter()
-        synthetic = spec.fn(teacher=teacher, data=data, classes=classes, ipc=args.ipc,
-                            config=config, seed=seed, device=device,
-                            progress=not args.no_progress)
+        synthetic = spec.fn(
+            teacher=teacher,
+            data=data,
+            classes=classes,
+            ipc=args.ipc,
+            config=config,
+            seed=seed,
+            device=device,
+            progress=not args.no_progress,
+        )
         seconds = time.perf_counter() - start
-        timings = {f"time_{k}_seconds": float(v)
-                   for k, v in synthetic.aux.pop("timings", {}).items()}
-        metrics = {**timings, "distill_seconds": seconds, "peak_mem_mb": peak_memory_mb(device),
-                   "images": len(synthetic.labels),
-                   "images_per_second": len(synthetic.labels) / max(seconds, 1e-9)}
+        timings = {
+            f"time_{k}_seconds": float(v) for k, v in synthetic.aux.pop("timings", {}).items()
+        }
+        metrics = {
+            **timings,
+            "distill_seconds": seconds,
+            "peak_mem_mb": peak_memory_mb(device),
+            "images": len(synthetic.labels),
+            "images_per_second": len(synthetic.labels) / max(seconds, 1e-9),
+        }
         grid = preview_grid(data.denormalize(synthetic.images), synthetic.labels, data.num_classes)
         with atomic_dir(paths.distilled_dir(args.dataset, args.method, args.ipc)) as tmp:
             synthetic.save(tmp / SET_FILE)
             if synthetic.aux:
                 torch.save(synthetic.aux, tmp / AUX_FILE)
             grid.save(tmp / PREVIEW_FILE)
-            write_json(tmp / META_FILE, {**tags, "config": to_dict(config), "seed": seed,
-                                         **metrics, "mlflow_run_id": mlflow.active_run().info.run_id})
+            write_json(
+                tmp / META_FILE,
+                {
+                    **tags,
+                    "config": to_dict(config),
+                    "seed": seed,
+                    **metrics,
+                    "mlflow_run_id": mlflow.active_run().info.run_id,
+                },
+            )
             mlflow.log_artifact(str(tmp / PREVIEW_FILE))
         mlflow.log_metrics(metrics)
 

@@ -10,30 +10,18 @@ mean / std (sample std, n - 1) / n, the protocol hash and the MLflow run id.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 from pipelines.common import base_parser, load_checked, run_main
 from wmdd import paths
 from wmdd.config import flatten
 from wmdd.data import load_prepared
-from wmdd.hardlabel import train_student_hard
-from wmdd.protocol import (OnlineLabels, StoredLabels, build_student, protocol_hash,
-                           relabel_seed, student_seed, train_student_soft)
+from wmdd.evaluation import evaluate_seed, summarise
+from wmdd.protocol import protocol_hash
 from wmdd.synthetic import SET_FILE, SyntheticSet
 from wmdd.teacher import load_teacher
 from wmdd.tracking import stage_run
 from wmdd.utils import peak_memory_mb, resolve_device, write_json
-
-
-def summarise(per_seed: dict[int, dict]) -> dict:
-    out = {}
-    for key in ("top1", "top5", "best_top1"):
-        values = [r[key] for r in per_seed.values()]
-        out[f"{key}_mean"] = statistics.fmean(values)
-        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    out["n"] = len(per_seed)
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,53 +36,76 @@ def main(argv: list[str] | None = None) -> None:
     data = load_prepared(data_dir)
     synthetic = SyntheticSet.load(set_dir / SET_FILE)
     protocol = profile.protocol
-    cfg = protocol.selected()
     phash = protocol_hash(protocol, eval_seeds=bench.eval_seeds, base_seed=bench.seed)
-    tags = {"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name, "method": args.method,
-            "ipc": args.ipc, "protocol": protocol.kind, "protocol_hash": phash}
-    with stage_run(experiment=bench.experiment, stage="evaluate",
-                   run_name=f"evaluate/{args.dataset}/{args.method}/ipc{args.ipc}", tags=tags,
-                   params={**flatten(protocol, "protocol."),
-                           "eval_seeds": list(bench.eval_seeds)},
-                   inputs=[data_dir, set_dir, labels_dir, teacher_file], device=device) as mlflow:
+    tags = {
+        "dataset": args.dataset,
+        "budget": profile.budget,
+        "dataset_name": profile.data.name,
+        "method": args.method,
+        "ipc": args.ipc,
+        "protocol": protocol.kind,
+        "protocol_hash": phash,
+    }
+    with stage_run(
+        experiment=bench.experiment,
+        stage="evaluate",
+        run_name=f"evaluate/{args.dataset}/{args.method}/ipc{args.ipc}",
+        tags=tags,
+        params={**flatten(protocol, "protocol."), "eval_seeds": list(bench.eval_seeds)},
+        inputs=[data_dir, set_dir, labels_dir, teacher_file],
+        device=device,
+    ) as mlflow:
         start = time.perf_counter()
-        images = synthetic.images.to(device)
         teacher = load_teacher(teacher_file, device=device) if protocol.kind == "soft" else None
         per_seed: dict[int, dict] = {}
         for s in bench.eval_seeds:
-            student = build_student(cfg.student, num_classes=data.num_classes,
-                                    in_chans=data.channels, resolution=data.resolution,
-                                    seed=student_seed(bench.seed, args.dataset, args.ipc, s))
-            common = dict(student=student, val_x=data.val_x, val_y=data.val_y, cfg=cfg,
-                          device=device, normalize=data.normalize, progress=not args.no_progress)
-            if protocol.kind == "hard":
-                result = train_student_hard(images=images, labels=synthetic.labels,
-                                            seed=relabel_seed(bench.seed, args.dataset, args.ipc, s),
-                                            **common)
-            else:
-                if cfg.relabel_mode == "stored":
-                    labels = StoredLabels.load(labels_dir / f"seed{s}.pt")
-                else:
-                    labels = OnlineLabels(teacher, cfg, seed=relabel_seed(
-                        bench.seed, args.dataset, args.ipc, s))
-                result = train_student_soft(labels=labels, images=images, **common)
+            result = evaluate_seed(
+                protocol,
+                eval_seed=s,
+                data=data,
+                synthetic=synthetic,
+                teacher=teacher,
+                labels_dir=labels_dir,
+                profile=args.dataset,
+                ipc=args.ipc,
+                base_seed=bench.seed,
+                device=device,
+                progress=not args.no_progress,
+            )
             per_seed[s] = result
             for h in result["history"]:
-                mlflow.log_metrics({f"seed{s}.top1": h["top1"], f"seed{s}.loss": h["loss"]},
-                                   step=h["epoch"])
-            mlflow.log_metrics({f"seed{s}.final_top1": result["top1"],
-                                f"seed{s}.final_top5": result["top5"],
-                                f"seed{s}.best_top1": result["best_top1"]})
+                mlflow.log_metrics(
+                    {f"seed{s}.top1": h["top1"], f"seed{s}.loss": h["loss"]}, step=h["epoch"]
+                )
+            mlflow.log_metrics(
+                {
+                    f"seed{s}.final_top1": result["top1"],
+                    f"seed{s}.final_top5": result["top5"],
+                    f"seed{s}.best_top1": result["best_top1"],
+                }
+            )
         summary = summarise(per_seed)
         seconds = time.perf_counter() - start
-        mlflow.log_metrics({**{k: float(v) for k, v in summary.items()},
-                            "eval_seconds": seconds, "peak_mem_mb": peak_memory_mb(device)})
-        write_json(paths.results_path(args.dataset, args.method, args.ipc), {
-            **summary, "eval_seconds": seconds, "protocol_hash": phash,
-            "mlflow_run_id": mlflow.active_run().info.run_id,
-            "per_seed": {str(s): {k: r[k] for k in ("top1", "top5", "best_top1", "best_epoch")}
-                         for s, r in per_seed.items()},
-        })
+        mlflow.log_metrics(
+            {
+                **{k: float(v) for k, v in summary.items()},
+                "eval_seconds": seconds,
+                "peak_mem_mb": peak_memory_mb(device),
+            }
+        )
+        write_json(
+            paths.results_path(args.dataset, args.method, args.ipc),
+            {
+                **summary,
+                "eval_seconds": seconds,
+                "protocol_hash": phash,
+                "mlflow_run_id": mlflow.active_run().info.run_id,
+                "per_seed": {
+                    str(s): {k: r[k] for k in ("top1", "top5", "best_top1", "best_epoch")}
+                    for s, r in per_seed.items()
+                },
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -24,18 +24,28 @@ def main(argv: list[str] | None = None) -> None:
     profile = params.profile(args.dataset)
     device = resolve_device("cpu")
     out = paths.data_dir(args.dataset)
-    with stage_run(experiment=params.benchmark.experiment, stage="prepare",
-                   run_name=f"prepare/{args.dataset}", tags={"dataset": args.dataset,
-                   "budget": profile.budget, "dataset_name": profile.data.name}, params=flatten(profile.data, "data."),
-                   inputs=[], device=device) as mlflow:
+    with stage_run(
+        experiment=params.benchmark.experiment,
+        stage="prepare",
+        run_name=f"prepare/{args.dataset}",
+        tags={"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name},
+        params=flatten(profile.data, "data."),
+        inputs=[],
+        device=device,
+    ) as mlflow:
         start = time.perf_counter()
         with atomic_dir(out) as tmp:
             manifest = prepare_dataset(profile.data, tmp)
         counts = manifest["counts"]
-        mlflow.log_metrics({"train_images": counts["train"], "val_images": counts["val"],
-                            "classes": len(manifest["classes"]),
-                            "skipped_images": manifest["skipped"]["count"],
-                            "seconds": time.perf_counter() - start})
+        mlflow.log_metrics(
+            {
+                "train_images": counts["train"],
+                "val_images": counts["val"],
+                "classes": len(manifest["classes"]),
+                "skipped_images": manifest["skipped"]["count"],
+                "seconds": time.perf_counter() - start,
+            }
+        )
         mlflow.log_dict(manifest, "manifest.json")
 
 

@@ -34,19 +34,45 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in [
-        MethodSpec("random", random_subset, RandomConfig, False,
-                   "random real subset (seeded, per class)"),
-        MethodSpec("wmdd", wmdd_distill, WMDDConfig, True,
-                   "WMDD: Wasserstein barycenters + per-class BN matching (Liu et al.)"),
-        MethodSpec("sre2l", sre2l, SRe2LConfig, True,
-                   "SRe2L: CE + global BN matching, one image per class per batch (Yin et al.)"),
-        MethodSpec("dm", dm, DMConfig, False,
-                   "DM: class-mean matching in random ConvNet embeddings (Zhao & Bilen)"),
-        MethodSpec("dm_teacher", dm, DMConfig, True,
-                   "DM's loss in the pretrained teacher's feature space (WMDD's MMD ablation)",
-                   defaults={"feature_space": "teacher"}),
-        MethodSpec("herding", herding, HerdingConfig, True,
-                   "herding: greedy real images keeping the running feature mean closest"),
+        MethodSpec(
+            "random", random_subset, RandomConfig, False, "random real subset (seeded, per class)"
+        ),
+        MethodSpec(
+            "wmdd",
+            wmdd_distill,
+            WMDDConfig,
+            True,
+            "WMDD: Wasserstein barycenters + per-class BN matching (Liu et al.)",
+        ),
+        MethodSpec(
+            "sre2l",
+            sre2l,
+            SRe2LConfig,
+            True,
+            "SRe2L: CE + global BN matching, one image per class per batch (Yin et al.)",
+        ),
+        MethodSpec(
+            "dm",
+            dm,
+            DMConfig,
+            False,
+            "DM: class-mean matching in random ConvNet embeddings (Zhao & Bilen)",
+        ),
+        MethodSpec(
+            "dm_teacher",
+            dm,
+            DMConfig,
+            True,
+            "DM's loss in the pretrained teacher's feature space (WMDD's MMD ablation)",
+            defaults={"feature_space": "teacher"},
+        ),
+        MethodSpec(
+            "herding",
+            herding,
+            HerdingConfig,
+            True,
+            "herding: greedy real images keeping the running feature mean closest",
+        ),
     ]
 }
 

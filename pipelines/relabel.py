@@ -17,6 +17,7 @@ import time
 from pipelines.common import base_parser, load_checked, run_main
 from wmdd import paths
 from wmdd.config import flatten
+from wmdd.evaluation import stored_labels_path
 from wmdd.protocol import StoredLabels, protocol_hash, relabel_seed
 from wmdd.synthetic import SET_FILE, SyntheticSet
 from wmdd.teacher import load_teacher
@@ -34,33 +35,58 @@ def main(argv: list[str] | None = None) -> None:
     teacher_file = paths.teacher_path(args.dataset)
     synthetic = SyntheticSet.load(set_dir / SET_FILE)
     phash = protocol_hash(profile.protocol, eval_seeds=bench.eval_seeds, base_seed=bench.seed)
-    cfg = profile.protocol.selected()
-    stored = profile.protocol.kind == "soft" and cfg.relabel_mode == "stored"
-    tags = {"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name, "method": args.method,
-            "ipc": args.ipc, "protocol": profile.protocol.kind, "protocol_hash": phash}
-    with stage_run(experiment=bench.experiment, stage="relabel",
-                   run_name=f"relabel/{args.dataset}/{args.method}/ipc{args.ipc}", tags=tags,
-                   params=flatten(profile.protocol, "protocol."), inputs=[set_dir, teacher_file],
-                   device=device) as mlflow:
+    soft = profile.protocol.soft if profile.protocol.kind == "soft" else None
+    stored = soft is not None and soft.relabel_mode == "stored"
+    tags = {
+        "dataset": args.dataset,
+        "budget": profile.budget,
+        "dataset_name": profile.data.name,
+        "method": args.method,
+        "ipc": args.ipc,
+        "protocol": profile.protocol.kind,
+        "protocol_hash": phash,
+    }
+    with stage_run(
+        experiment=bench.experiment,
+        stage="relabel",
+        run_name=f"relabel/{args.dataset}/{args.method}/ipc{args.ipc}",
+        tags=tags,
+        params=flatten(profile.protocol, "protocol."),
+        inputs=[set_dir, teacher_file],
+        device=device,
+    ) as mlflow:
         start = time.perf_counter()
         nbytes = 0
         with atomic_dir(paths.labels_dir(args.dataset, args.method, args.ipc)) as tmp:
-            if stored:
+            if soft is not None and stored:
                 teacher = load_teacher(teacher_file, device=device)
                 images = synthetic.images.to(device)
                 for s in bench.eval_seeds:
                     seed = relabel_seed(bench.seed, args.dataset, args.ipc, s)
-                    labels = StoredLabels.compute(teacher, images, cfg, seed=seed,
-                                                  progress=not args.no_progress)
-                    labels.save(tmp / f"seed{s}.pt")
+                    labels = StoredLabels.compute(
+                        teacher, images, soft, seed=seed, progress=not args.no_progress
+                    )
+                    labels.save(stored_labels_path(tmp, s))
                     nbytes += labels.nbytes()
             seconds = time.perf_counter() - start
-            mlflow.log_metrics({"relabel_seconds": seconds, "label_bytes": nbytes,
-                                "peak_mem_mb": peak_memory_mb(device)})
-            write_json(tmp / "labels.json", {**tags, "stored": stored,
-                                             "eval_seeds": list(bench.eval_seeds),
-                                             "label_bytes": nbytes, "relabel_seconds": seconds,
-                                             "mlflow_run_id": mlflow.active_run().info.run_id})
+            mlflow.log_metrics(
+                {
+                    "relabel_seconds": seconds,
+                    "label_bytes": nbytes,
+                    "peak_mem_mb": peak_memory_mb(device),
+                }
+            )
+            write_json(
+                tmp / "labels.json",
+                {
+                    **tags,
+                    "stored": stored,
+                    "eval_seeds": list(bench.eval_seeds),
+                    "label_bytes": nbytes,
+                    "relabel_seconds": seconds,
+                    "mlflow_run_id": mlflow.active_run().info.run_id,
+                },
+            )
 
 
 if __name__ == "__main__":

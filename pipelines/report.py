@@ -16,8 +16,13 @@ from pathlib import Path
 
 from pipelines.common import base_parser, load_checked, run_main
 from wmdd import paths
-from wmdd.report import (NOISE_SYNTHESISED, collect_cells, plot_accuracy, render_markdown,
-                         results_frame)
+from wmdd.report import (
+    NOISE_SYNTHESISED,
+    collect_cells,
+    plot_accuracy,
+    render_markdown,
+    results_frame,
+)
 from wmdd.tracking import package_versions, stage_run
 from wmdd.utils import atomic_dir, atomic_file, resolve_device
 
@@ -43,9 +48,15 @@ def main(argv: list[str] | None = None) -> None:
     params = load_checked(args.params)
     bench = params.benchmark
     out = Path(args.out)
-    with stage_run(experiment=bench.experiment, stage="report", run_name="report",
-                   tags={"datasets": ",".join(bench.datasets)}, params={}, inputs=[],
-                   device=resolve_device("cpu")) as mlflow:
+    with stage_run(
+        experiment=bench.experiment,
+        stage="report",
+        run_name="report",
+        tags={"datasets": ",".join(bench.datasets)},
+        params={},
+        inputs=[],
+        device=resolve_device("cpu"),
+    ) as mlflow:
         client = mlflow.MlflowClient()
         cells, teachers = collect_cells(client, bench.datasets, bench.methods, bench.ipcs)
         df = results_frame(cells, teachers)

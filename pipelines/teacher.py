@@ -27,28 +27,46 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = paths.data_dir(args.dataset)
     data = load_prepared(data_dir)
     seed = derive_seed(params.benchmark.seed, args.dataset, "teacher")
-    with stage_run(experiment=params.benchmark.experiment, stage="teacher",
-                   run_name=f"teacher/{args.dataset}",
-                   tags={"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name},
-                   params={**flatten(profile.teacher, "teacher."), "seed": seed},
-                   inputs=[data_dir], device=device) as mlflow:
+    with stage_run(
+        experiment=params.benchmark.experiment,
+        stage="teacher",
+        run_name=f"teacher/{args.dataset}",
+        tags={"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name},
+        params={**flatten(profile.teacher, "teacher."), "seed": seed},
+        inputs=[data_dir],
+        device=device,
+    ) as mlflow:
         start = time.perf_counter()
-        model, history = train_teacher(profile.teacher, data, seed=seed, device=device,
-                                       progress=not args.no_progress)
+        model, history = train_teacher(
+            profile.teacher, data, seed=seed, device=device, progress=not args.no_progress
+        )
         seconds = time.perf_counter() - start
         for h in history:
-            mlflow.log_metrics({"train_loss": h["loss"], "val_top1_epoch": h["val_top1"]},
-                               step=h["epoch"])
-        acc = evaluate(model, data.val_x, data.val_y, batch_size=256, device=device,
-                       normalize=data.normalize)
-        metrics = {"val_top1": acc.top1, "val_top5": acc.top5, "seconds": seconds,
-                   "peak_mem_mb": peak_memory_mb(device)}
+            mlflow.log_metrics(
+                {"train_loss": h["loss"], "val_top1_epoch": h["val_top1"]}, step=h["epoch"]
+            )
+        acc = evaluate(
+            model, data.val_x, data.val_y, batch_size=256, device=device, normalize=data.normalize
+        )
+        metrics = {
+            "val_top1": acc.top1,
+            "val_top5": acc.top5,
+            "seconds": seconds,
+            "peak_mem_mb": peak_memory_mb(device),
+        }
         with atomic_file(paths.teacher_path(args.dataset)) as tmp:
-            save_teacher(model, tmp, model_cfg=profile.teacher.model, data=data,
-                         extra={"val_top1": acc.top1, "profile": args.dataset, "seed": seed})
+            save_teacher(
+                model,
+                tmp,
+                model_cfg=profile.teacher.model,
+                data=data,
+                extra={"val_top1": acc.top1, "profile": args.dataset, "seed": seed},
+            )
         mlflow.log_metrics(metrics)
-        write_json(paths.teacher_metrics_path(args.dataset),
-                   {**metrics, "mlflow_run_id": mlflow.active_run().info.run_id})
+        write_json(
+            paths.teacher_metrics_path(args.dataset),
+            {**metrics, "mlflow_run_id": mlflow.active_run().info.run_id},
+        )
 
 
 if __name__ == "__main__":

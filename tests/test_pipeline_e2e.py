@@ -25,17 +25,28 @@ pytestmark = pytest.mark.e2e
 
 
 def _run(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "DVC_NO_ANALYTICS": "1",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kw)
 
 
 def _copy_repo(dest: Path) -> None:
     """Copies the working tree's tracked and non-ignored files (no data, no stores)."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for rel in listed:
         src = ROOT / rel
         if not src.is_file() or rel.startswith(("reports/", "dvc.lock")):
@@ -63,8 +74,9 @@ def test_default_run_writes_report_and_csv(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())["benchmark"]
     rows = list(csv.DictReader((repo / "reports" / "results.csv").open()))
     cells = {(r["profile"], r["method"], int(r["ipc"])) for r in rows}
-    expected = {(d, m, k) for d in params["datasets"] for m in params["methods"]
-                for k in params["ipcs"]}
+    expected = {
+        (d, m, k) for d in params["datasets"] for m in params["methods"] for k in params["ipcs"]
+    }
     assert cells == expected
     for r in rows:
         assert int(r["seeds"]) == len(params["eval_seeds"])
@@ -84,8 +96,12 @@ def test_report_numbers_equal_mlflow(repo: Path) -> None:
         assert run.data.tags["method"] == r["method"]
         assert float(r["top1_mean"]) == pytest.approx(run.data.metrics["top1_mean"], abs=1e-4)
         assert float(r["top1_std"]) == pytest.approx(run.data.metrics["top1_std"], abs=1e-4)
-    stages = {run.data.tags["stage"] for run in client.search_runs(
-        [client.get_experiment_by_name("wmdd-benchmark").experiment_id])}
+    stages = {
+        run.data.tags["stage"]
+        for run in client.search_runs(
+            [client.get_experiment_by_name("wmdd-benchmark").experiment_id]
+        )
+    }
     assert stages == {"prepare", "teacher", "distill", "relabel", "evaluate", "report"}
 
 
@@ -106,6 +122,8 @@ def test_method_param_invalidates_only_dependants(repo: Path) -> None:
         assert params_file.read_text() != original
         proc = _run([str(BIN / "dvc"), "status", "--json"], repo)
         changed = set(__import__("json").loads(proc.stdout))
-        assert changed and all(s.startswith("distill@") and "-random-" in s for s in changed), changed
+        assert changed and all(s.startswith("distill@") and "-random-" in s for s in changed), (
+            changed
+        )
     finally:
         params_file.write_text(original)

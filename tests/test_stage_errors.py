@@ -64,9 +64,14 @@ def test_cli_exits_2_with_one_clear_line(in_tmp: Path) -> None:
     path = _write_params(in_tmp, lambda p: p["methods"]["random"].update(draws=1))
     env = {k: v for k, v in os.environ.items() if k != "WMDD_TRACEBACK"}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-m", "pipelines.prepare", "--dataset", "digits",
-                           "--params", str(path)], cwd=in_tmp, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.prepare", "--dataset", "digits", "--params", str(path)],
+        cwd=in_tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "methods.random" in proc.stderr and "'draws'" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -86,7 +91,9 @@ def test_corrupt_image_names_file(in_tmp: Path) -> None:
             d = in_tmp / "imgs" / split / cls
             d.mkdir(parents=True)
             for i in range(3):
-                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(d / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                    d / f"{i}.png"
+                )
     (in_tmp / "imgs" / "train" / "b" / "broken.jpg").write_bytes(b"not an image at all")
     path = _write_params(in_tmp, lambda p: _folder_profile(p, str(in_tmp / "imgs")))
     with pytest.raises(ValueError, match=r"train/b/broken\.jpg"):
@@ -97,9 +104,22 @@ def test_corrupt_image_names_file(in_tmp: Path) -> None:
 def test_ipc_larger_than_class(in_tmp: Path) -> None:
     path = _write_params(in_tmp, lambda p: None)
     prepare.main(["--dataset", "digits", "--params", str(path), "--no-progress"])
-    with pytest.raises(ValueError, match=r"IPC 1000 is larger than the \d+ training images of class"):
-        distill.main(["--dataset", "digits", "--method", "random", "--ipc", "1000",
-                      "--params", str(path), "--no-progress"])
+    with pytest.raises(
+        ValueError, match=r"IPC 1000 is larger than the \d+ training images of class"
+    ):
+        distill.main(
+            [
+                "--dataset",
+                "digits",
+                "--method",
+                "random",
+                "--ipc",
+                "1000",
+                "--params",
+                str(path),
+                "--no-progress",
+            ]
+        )
     assert not (in_tmp / "distilled" / "digits" / "random" / "ipc1000").exists()
     assert [p for p in (in_tmp / "distilled").rglob("*") if p.is_file()] == []
     assert not list((in_tmp / "distilled").rglob(".ipc1000.tmp-*"))

@@ -86,8 +86,9 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     top, left, h, w = b.unbind(1)
     index = torch.arange(len(images), device=images.device, dtype=images.dtype)
     rois = torch.stack([index, left, top, left + w, top + h], dim=1)  # (N, 5) x1 y1 x2 y2
-    return roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1,
-                     aligned=True)
+    return roi_align(
+        images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
+    )
 
 
 def apply_flips(images: Tensor, flips: Tensor) -> Tensor:
@@ -136,7 +137,9 @@ def apply_cutmix(images: Tensor, params: CutMixParams) -> Tensor:
     return out
 
 
-def random_roll(images: Tensor, *, max_shift: tuple[int, int], generator: torch.Generator) -> Tensor:
+def random_roll(
+    images: Tensor, *, max_shift: tuple[int, int], generator: torch.Generator
+) -> Tensor:
     """Wrap-around jitter: ``torch.roll`` the whole batch by one random (dy, dx).
 
     ``dy``, ``dx`` are uniform integers in ``[lo, hi]`` with ``(lo, hi) = max_shift``

@@ -53,7 +53,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path=path)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -68,8 +68,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         expected = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{path}: expected {expected}, got {_describe(value)} "
-                          f"({'; '.join(errors)})")
+        raise ConfigError(
+            f"{path}: expected {expected}, got {_describe(value)} ({'; '.join(errors)})"
+        )
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
@@ -81,7 +82,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{path}: expected a list of {len(args)}, got {len(value)} items")
-            return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(
+                _convert(v, a, f"{path}[{i}]")
+                for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
         item_tp = args[0] if args else Any
         items = [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

@@ -20,14 +20,25 @@ from wmdd.teacher import evaluate
 from wmdd.utils import generator
 
 
-def train_student_hard(*, student: nn.Module, images: Tensor, labels: Tensor, val_x: Tensor,
-                       val_y: Tensor, cfg: HardProtocolConfig, seed: int, device: torch.device,
-                       normalize=None, progress: bool = True) -> dict:
+def train_student_hard(
+    *,
+    student: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    val_x: Tensor,
+    val_y: Tensor,
+    cfg: HardProtocolConfig,
+    seed: int,
+    device: torch.device,
+    normalize=None,
+    progress: bool = True,
+) -> dict:
     """Trains ``student`` on ``(images, labels)`` with cross-entropy; same result dict as
     :func:`wmdd.protocol.train_student_soft` (``best_*`` from the final evaluation only)."""
     student.to(device).train()
-    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(
+        student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[cfg.epochs // 2], gamma=0.1)
     gen = generator(seed, "hard-label")
     images, labels = images.to(device), labels.to(device)
@@ -48,8 +59,16 @@ def train_student_hard(*, student: nn.Module, images: Tensor, labels: Tensor, va
             opt.step()
             total += loss.item() * len(idx)
         sched.step()
-    acc = evaluate(student, val_x, val_y, batch_size=cfg.eval_batch_size, device=device,
-                   normalize=normalize)
-    history = [{"epoch": cfg.epochs, "loss": total / len(images), "top1": acc.top1, "top5": acc.top5}]
-    return {"top1": acc.top1, "top5": acc.top5, "best_top1": acc.top1,
-            "best_epoch": cfg.epochs, "history": history}
+    acc = evaluate(
+        student, val_x, val_y, batch_size=cfg.eval_batch_size, device=device, normalize=normalize
+    )
+    history = [
+        {"epoch": cfg.epochs, "loss": total / len(images), "top1": acc.top1, "top5": acc.top5}
+    ]
+    return {
+        "top1": acc.top1,
+        "top5": acc.top5,
+        "best_top1": acc.top1,
+        "best_epoch": cfg.epochs,
+        "history": history,
+    }

@@ -30,6 +30,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,9 @@ def batch_size_for(cfg: SoftProtocolConfig, n_images: int) -> int:
     return min(cfg.batch_size, n_images)
 
 
-def plan_epoch(n_images: int, resolution: int, cfg: SoftProtocolConfig, *, seed: int,
-               epoch: int) -> list[BatchPlan]:
+def plan_epoch(
+    n_images: int, resolution: int, cfg: SoftProtocolConfig, *, seed: int, epoch: int
+) -> list[BatchPlan]:
     """The relabel views of one epoch, drawn from ``(seed, epoch)`` alone."""
     gen = generator(seed, "relabel", epoch)
     b = batch_size_for(cfg, n_images)
@@ -74,11 +76,13 @@ def plan_epoch(n_images: int, resolution: int, cfg: SoftProtocolConfig, *, seed:
     plans = []
     for start in range(0, n_images, b):
         idx = order[start : start + b]
-        boxes = sample_crop_boxes(len(idx), resolution, resolution, scale=cfg.crop_scale,
-                                  generator=gen)
+        boxes = sample_crop_boxes(
+            len(idx), resolution, resolution, scale=cfg.crop_scale, generator=gen
+        )
         flips = sample_flips(len(idx), generator=gen, p=0.5 if cfg.flip else 0.0)
-        cutmix = sample_cutmix(len(idx), resolution, resolution, alpha=cfg.cutmix_alpha,
-                               generator=gen)
+        cutmix = sample_cutmix(
+            len(idx), resolution, resolution, alpha=cfg.cutmix_alpha, generator=gen
+        )
         plans.append(BatchPlan(idx, boxes, flips, cutmix))
     return plans
 
@@ -134,16 +138,26 @@ class StoredLabels:
     logits: Tensor  # (E, N, K) soft labels in the storage dtype, aligned with ``order``
 
     @classmethod
-    def compute(cls, teacher: nn.Module, images: Tensor, cfg: SoftProtocolConfig, *, seed: int,
-                progress: bool = True) -> StoredLabels:
+    def compute(
+        cls,
+        teacher: nn.Module,
+        images: Tensor,
+        cfg: SoftProtocolConfig,
+        *,
+        seed: int,
+        progress: bool = True,
+    ) -> StoredLabels:
         """Draws every epoch's views and stores them with the teacher's logits."""
         res = images.shape[-1]
-        fields: dict[str, list] = {k: [] for k in
-                                   ("order", "boxes", "flips", "lam", "cbox", "perm", "logits")}
+        fields: dict[str, list] = {
+            k: [] for k in ("order", "boxes", "flips", "lam", "cbox", "perm", "logits")
+        }
         for e in tqdm(range(cfg.epochs), desc="relabel", unit="epoch", disable=not progress):
             plans = plan_epoch(len(images), res, cfg, seed=seed, epoch=e)
-            logits = [teacher_logits(teacher, make_views(images, p), _dtype(cfg.label_dtype))
-                      for p in plans]
+            logits = [
+                teacher_logits(teacher, make_views(images, p), _dtype(cfg.label_dtype))
+                for p in plans
+            ]
             fields["order"].append(torch.cat([p.indices for p in plans]))
             fields["boxes"].append(torch.cat([p.boxes for p in plans]).int())
             fields["flips"].append(torch.cat([p.flips for p in plans]))
@@ -152,8 +166,17 @@ class StoredLabels:
             fields["perm"].append(torch.cat([p.cutmix.perm for p in plans]))
             fields["logits"].append(torch.cat(logits).cpu())
         s = {k: torch.stack(v) for k, v in fields.items()}
-        return cls(seed, batch_size_for(cfg, len(images)), s["order"], s["boxes"], s["flips"],
-                   s["lam"], s["cbox"], s["perm"], s["logits"])
+        return cls(
+            seed,
+            batch_size_for(cfg, len(images)),
+            s["order"],
+            s["boxes"],
+            s["flips"],
+            s["lam"],
+            s["cbox"],
+            s["perm"],
+            s["logits"],
+        )
 
     @property
     def epochs(self) -> int:
@@ -164,11 +187,14 @@ class StoredLabels:
         n, b = self.order.shape[1], self.batch_size
         for bi, start in enumerate(range(0, n, b)):
             sl = slice(start, start + b)
-            cutmix = CutMixParams(float(self.cutmix_lam[epoch, bi]),
-                                  tuple(int(v) for v in self.cutmix_box[epoch, bi]),
-                                  self.cutmix_perm[epoch, sl])
-            plan = BatchPlan(self.order[epoch, sl], self.boxes[epoch, sl].long(),
-                             self.flips[epoch, sl], cutmix)
+            cutmix = CutMixParams(
+                float(self.cutmix_lam[epoch, bi]),
+                cast(tuple[int, int, int, int], tuple(int(v) for v in self.cutmix_box[epoch, bi])),
+                self.cutmix_perm[epoch, sl],
+            )
+            plan = BatchPlan(
+                self.order[epoch, sl], self.boxes[epoch, sl].long(), self.flips[epoch, sl], cutmix
+            )
             yield plan, self.logits[epoch, sl]
 
     def epoch(self, epoch: int, images: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
@@ -187,16 +213,23 @@ class StoredLabels:
         return cls(**torch.load(path, map_location="cpu", weights_only=True))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values()
-                   if isinstance(t, Tensor))
+        return sum(
+            t.numel() * t.element_size()
+            for t in self.state_dict().values()
+            if isinstance(t, Tensor)
+        )
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
-            t2_factor: bool = False) -> Tensor:
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, t2_factor: bool = False
+) -> Tensor:
     """``KL(softmax(t/T) || softmax(s/T))`` summed over classes, mean over the batch."""
-    loss = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
-                    F.log_softmax(teacher_logits.float() / temperature, dim=1),
-                    reduction="batchmean", log_target=True)
+    loss = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits.float() / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
     return loss * temperature**2 if t2_factor else loss
 
 
@@ -209,18 +242,29 @@ def student_seed(base_seed: int, profile: str, ipc: int, eval_seed: int) -> int:
     return derive_seed(base_seed, profile, ipc, "student", eval_seed)
 
 
-def build_student(model_cfg: ModelConfig, *, num_classes: int, in_chans: int, resolution: int,
-                  seed: int) -> nn.Module:
+def build_student(
+    model_cfg: ModelConfig, *, num_classes: int, in_chans: int, resolution: int, seed: int
+) -> nn.Module:
     with seeded_init(seed):
-        return create_model(model_cfg.name, num_classes=num_classes, in_chans=in_chans,
-                            resolution=resolution, **model_cfg.kwargs)
+        return create_model(
+            model_cfg.name,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            resolution=resolution,
+            **model_cfg.kwargs,
+        )
 
 
 def _adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
 
 
 def train_student_soft(
@@ -247,7 +291,8 @@ def train_student_soft(
     student.to(device).train()
     opt = _adamw(student, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
+        opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs))
+    )
     history: list[dict] = []
     bar = tqdm(range(cfg.epochs), desc="student", unit="epoch", disable=not progress)
     for e in bar:
@@ -263,14 +308,26 @@ def train_student_soft(
             total, count = total + loss.item() * len(views), count + len(views)
         sched.step()
         if (e + 1) % cfg.eval_interval == 0 or e + 1 == cfg.epochs:
-            acc = evaluate(student, val_x, val_y, batch_size=cfg.eval_batch_size, device=device,
-                           normalize=normalize)
-            history.append({"epoch": e + 1, "loss": total / count, "top1": acc.top1,
-                            "top5": acc.top5})
+            acc = evaluate(
+                student,
+                val_x,
+                val_y,
+                batch_size=cfg.eval_batch_size,
+                device=device,
+                normalize=normalize,
+            )
+            history.append(
+                {"epoch": e + 1, "loss": total / count, "top1": acc.top1, "top5": acc.top5}
+            )
             bar.set_postfix(loss=f"{total / count:.3f}", top1=f"{acc.top1:.1f}")
     best = max(history, key=lambda h: h["top1"])
-    return {"top1": history[-1]["top1"], "top5": history[-1]["top5"],
-            "best_top1": best["top1"], "best_epoch": best["epoch"], "history": history}
+    return {
+        "top1": history[-1]["top1"],
+        "top5": history[-1]["top5"],
+        "best_top1": best["top1"],
+        "best_epoch": best["epoch"],
+        "history": history,
+    }
 
 
 def protocol_hash(protocol, *, eval_seeds, base_seed: int) -> str:
@@ -278,5 +335,11 @@ def protocol_hash(protocol, *, eval_seeds, base_seed: int) -> str:
     protocol's settings (student model included), the eval seeds and the base seed."""
     from wmdd.config import short_hash, to_dict
 
-    return short_hash({"kind": protocol.kind, "settings": to_dict(protocol.selected()),
-                       "eval_seeds": list(eval_seeds), "base_seed": base_seed})
+    return short_hash(
+        {
+            "kind": protocol.kind,
+            "settings": to_dict(protocol.selected()),
+            "eval_seeds": list(eval_seeds),
+            "base_seed": base_seed,
+        }
+    )

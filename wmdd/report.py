@@ -63,10 +63,29 @@ PUBLISHED_PROTOCOL = {
 NOISE_SYNTHESISED = ("wmdd", "sre2l")  # methods whose images may be shown in committed figures
 
 CSV_COLUMNS = [
-    "dataset", "profile", "budget", "method", "ipc", "protocol", "seeds", "top1_mean",
-    "top1_std", "top5_mean", "best_top1_mean", "gain_vs_random", "welch_p", "teacher_top1",
-    "distill_seconds", "peak_mem_mb", "images_per_second", "relabel_seconds", "label_bytes",
-    "eval_seconds", "protocol_hash", "commit", "evaluate_run_id",
+    "dataset",
+    "profile",
+    "budget",
+    "method",
+    "ipc",
+    "protocol",
+    "seeds",
+    "top1_mean",
+    "top1_std",
+    "top5_mean",
+    "best_top1_mean",
+    "gain_vs_random",
+    "welch_p",
+    "teacher_top1",
+    "distill_seconds",
+    "peak_mem_mb",
+    "images_per_second",
+    "relabel_seconds",
+    "label_bytes",
+    "eval_seconds",
+    "protocol_hash",
+    "commit",
+    "evaluate_run_id",
 ]
 
 
@@ -102,8 +121,9 @@ def _run_of(client, json_path: Path) -> Any:
     return _get_run(client, read_json(json_path)["mlflow_run_id"], json_path)
 
 
-def collect_cells(client, profiles: Sequence[str], methods: Sequence[str],
-                  ipcs: Sequence[int]) -> tuple[list[Cell], dict[str, Any]]:
+def collect_cells(
+    client, profiles: Sequence[str], methods: Sequence[str], ipcs: Sequence[int]
+) -> tuple[list[Cell], dict[str, Any]]:
     """Resolves the MLflow runs of every cell of the grid and every profile's teacher."""
     cells, teachers = [], {}
     for p in profiles:
@@ -112,12 +132,17 @@ def collect_cells(client, profiles: Sequence[str], methods: Sequence[str],
             for k in ipcs:
                 ev = _run_of(client, paths.results_path(p, m, k))
                 seeds = sorted(key for key in ev.data.metrics if key.endswith(".final_top1"))
-                cells.append(Cell(
-                    p, m, k, ev,
-                    _run_of(client, paths.distilled_dir(p, m, k) / "meta.json"),
-                    _run_of(client, paths.labels_dir(p, m, k) / "labels.json"),
-                    [ev.data.metrics[s] for s in seeds],
-                ))
+                cells.append(
+                    Cell(
+                        p,
+                        m,
+                        k,
+                        ev,
+                        _run_of(client, paths.distilled_dir(p, m, k) / "meta.json"),
+                        _run_of(client, paths.labels_dir(p, m, k) / "labels.json"),
+                        [ev.data.metrics[s] for s in seeds],
+                    )
+                )
     return cells, teachers
 
 
@@ -137,31 +162,35 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
         ev, di, rl = c.evaluate.data, c.distill.data, c.relabel.data
         ref = random_top1.get((c.profile, c.ipc))
         gain = (ev.metrics["top1_mean"] - sum(ref) / len(ref)) if ref else math.nan
-        rows.append({
-            "dataset": ev.tags.get("dataset_name", ""),
-            "profile": c.profile,
-            "budget": ev.tags["budget"],
-            "method": c.method,
-            "ipc": c.ipc,
-            "protocol": ev.tags["protocol"],
-            "seeds": int(ev.metrics["n"]),
-            "top1_mean": ev.metrics["top1_mean"],
-            "top1_std": ev.metrics["top1_std"],
-            "top5_mean": ev.metrics["top5_mean"],
-            "best_top1_mean": ev.metrics["best_top1_mean"],
-            "gain_vs_random": gain if c.method != "random" else math.nan,
-            "welch_p": welch(c.per_seed_top1, ref) if ref and c.method != "random" else math.nan,
-            "teacher_top1": teachers[c.profile].data.metrics["val_top1"],
-            "distill_seconds": di.metrics["distill_seconds"],
-            "peak_mem_mb": max(di.metrics["peak_mem_mb"], ev.metrics["peak_mem_mb"]),
-            "images_per_second": di.metrics["images_per_second"],
-            "relabel_seconds": rl.metrics["relabel_seconds"],
-            "label_bytes": rl.metrics["label_bytes"],
-            "eval_seconds": ev.metrics["eval_seconds"],
-            "protocol_hash": ev.tags["protocol_hash"],
-            "commit": ev.tags["git_commit"][:12],
-            "evaluate_run_id": c.evaluate.info.run_id,
-        })
+        rows.append(
+            {
+                "dataset": ev.tags.get("dataset_name", ""),
+                "profile": c.profile,
+                "budget": ev.tags["budget"],
+                "method": c.method,
+                "ipc": c.ipc,
+                "protocol": ev.tags["protocol"],
+                "seeds": int(ev.metrics["n"]),
+                "top1_mean": ev.metrics["top1_mean"],
+                "top1_std": ev.metrics["top1_std"],
+                "top5_mean": ev.metrics["top5_mean"],
+                "best_top1_mean": ev.metrics["best_top1_mean"],
+                "gain_vs_random": gain if c.method != "random" else math.nan,
+                "welch_p": welch(c.per_seed_top1, ref)
+                if ref and c.method != "random"
+                else math.nan,
+                "teacher_top1": teachers[c.profile].data.metrics["val_top1"],
+                "distill_seconds": di.metrics["distill_seconds"],
+                "peak_mem_mb": max(di.metrics["peak_mem_mb"], ev.metrics["peak_mem_mb"]),
+                "images_per_second": di.metrics["images_per_second"],
+                "relabel_seconds": rl.metrics["relabel_seconds"],
+                "label_bytes": rl.metrics["label_bytes"],
+                "eval_seconds": ev.metrics["eval_seconds"],
+                "protocol_hash": ev.tags["protocol_hash"],
+                "commit": ev.tags["git_commit"][:12],
+                "evaluate_run_id": c.evaluate.info.run_id,
+            }
+        )
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
 
 
@@ -185,34 +214,64 @@ def _accuracy_table(df: pd.DataFrame) -> list[str]:
     rows = []
     for method, g in df.groupby("method", sort=False):
         by_ipc = {r.ipc: r for r in g.itertuples()}
-        rows.append([f"`{method}`"] + [
-            _fmt_acc(by_ipc[k].top1_mean, by_ipc[k].top1_std, by_ipc[k].seeds) if k in by_ipc
-            else "-" for k in ipcs])
+        rows.append(
+            [f"`{method}`"]
+            + [
+                _fmt_acc(by_ipc[k].top1_mean, by_ipc[k].top1_std, by_ipc[k].seeds)
+                if k in by_ipc
+                else "-"
+                for k in ipcs
+            ]
+        )
     return _table(["method"] + [f"IPC {k}" for k in ipcs], rows)
 
 
 def _gain_table(df: pd.DataFrame) -> list[str]:
-    rows = [[f"`{r.method}`", str(r.ipc), f"{r.gain_vs_random:+.1f}", _fmt_p(r.welch_p)]
-            for r in df.itertuples() if r.method != "random" and not math.isnan(r.gain_vs_random)]
+    rows = [
+        [f"`{r.method}`", str(r.ipc), f"{r.gain_vs_random:+.1f}", _fmt_p(r.welch_p)]
+        for r in df.itertuples()
+        if r.method != "random" and not math.isnan(r.gain_vs_random)
+    ]
     if not rows:
         return ["(no method other than `random` in this run)"]
     return _table(["method", "IPC", "gain over random (points)", "Welch p"], rows)
 
 
 def _secondary_table(df: pd.DataFrame) -> list[str]:
-    rows = [[f"`{r.method}`", str(r.ipc), f"{r.top5_mean:.1f}", f"{r.best_top1_mean:.1f}"]
-            for r in df.itertuples()]
-    return _table(["method", "IPC", "top-5 (final)", "best-epoch top-1 (not the headline)"],
-                  rows)
+    rows = [
+        [f"`{r.method}`", str(r.ipc), f"{r.top5_mean:.1f}", f"{r.best_top1_mean:.1f}"]
+        for r in df.itertuples()
+    ]
+    return _table(["method", "IPC", "top-5 (final)", "best-epoch top-1 (not the headline)"], rows)
 
 
 def _cost_table(df: pd.DataFrame) -> list[str]:
-    rows = [[f"`{r.method}`", str(r.ipc), f"{r.distill_seconds:.1f}",
-             f"{r.images_per_second:.2f}", f"{r.relabel_seconds:.1f}",
-             f"{r.label_bytes / 2**20:.1f}", f"{r.eval_seconds:.1f}", f"{r.peak_mem_mb:.0f}"]
-            for r in df.itertuples()]
-    return _table(["method", "IPC", "distill s", "images/s", "relabel s", "stored labels MiB",
-                   "eval s (all seeds)", "peak mem MiB"], rows)
+    rows = [
+        [
+            f"`{r.method}`",
+            str(r.ipc),
+            f"{r.distill_seconds:.1f}",
+            f"{r.images_per_second:.2f}",
+            f"{r.relabel_seconds:.1f}",
+            f"{r.label_bytes / 2**20:.1f}",
+            f"{r.eval_seconds:.1f}",
+            f"{r.peak_mem_mb:.0f}",
+        ]
+        for r in df.itertuples()
+    ]
+    return _table(
+        [
+            "method",
+            "IPC",
+            "distill s",
+            "images/s",
+            "relabel s",
+            "stored labels MiB",
+            "eval s (all seeds)",
+            "peak mem MiB",
+        ],
+        rows,
+    )
 
 
 def _published_table(dataset: str, methods: Sequence[str], ipcs: Sequence[int]) -> list[str]:
@@ -222,33 +281,53 @@ def _published_table(dataset: str, methods: Sequence[str], ipcs: Sequence[int]) 
     rows = []
     for m in methods:
         if m in pub:
-            rows.append([f"`{m}`"] + [f"{pub[m][k]:.1f}" if k in pub[m] else "-" for k in ipcs]
-                        + [PUBLISHED_PROTOCOL[m]])
+            rows.append(
+                [f"`{m}`"]
+                + [f"{pub[m][k]:.1f}" if k in pub[m] else "-" for k in ipcs]
+                + [PUBLISHED_PROTOCOL[m]]
+            )
     if not rows:
         return []
-    return (["", "Published (WMDD paper's table; mixes protocols, so not comparable row to row):",
-             ""] + _table(["method"] + [f"IPC {k}" for k in ipcs] + ["published under"], rows))
+    return [
+        "",
+        "Published (WMDD paper's table; mixes protocols, so not comparable row to row):",
+        "",
+    ] + _table(["method"] + [f"IPC {k}" for k in ipcs] + ["published under"], rows)
 
 
-def render_markdown(df: pd.DataFrame, teachers: dict[str, Any], *, versions: dict[str, str],
-                    figures: dict[str, list[str]]) -> str:
+def render_markdown(
+    df: pd.DataFrame,
+    teachers: dict[str, Any],
+    *,
+    versions: dict[str, str],
+    figures: dict[str, list[str]],
+) -> str:
     """The Markdown report (deterministic given the runs: no timestamps)."""
     commits = sorted(set(df.commit))
-    out = ["# Dataset distillation benchmark", "",
-           "Generated by `python -m pipelines.report` from the MLflow runs the pipeline "
-           "outputs name; do not edit by hand. Headline: final-epoch top-1 (%) on the full "
-           "validation split, mean ± sample std (n eval seeds).", "",
-           f"- commit(s): {', '.join(f'`{c}`' for c in commits)}",
-           "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    out = [
+        "# Dataset distillation benchmark",
+        "",
+        "Generated by `python -m pipelines.report` from the MLflow runs the pipeline "
+        "outputs name; do not edit by hand. Headline: final-epoch top-1 (%) on the full "
+        "validation split, mean ± sample std (n eval seeds).",
+        "",
+        f"- commit(s): {', '.join(f'`{c}`' for c in commits)}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "",
+    ]
     for profile, g in df.groupby("profile", sort=False):
         teacher = teachers[profile].data
         first = g.iloc[0]
-        out += [f"## {profile} — {first.dataset} (budget: {first.budget})", "",
-                f"- protocol: `{first.protocol}`-label, hash `{first.protocol_hash}`",
-                f"- teacher: top-1 {teacher.metrics['val_top1']:.1f}% "
-                f"(trained in {teacher.metrics['seconds']:.0f} s, "
-                f"peak {teacher.metrics['peak_mem_mb']:.0f} MiB, device "
-                f"{teachers[profile].data.tags.get('device', '?')})", ""]
+        out += [
+            f"## {profile} — {first.dataset} (budget: {first.budget})",
+            "",
+            f"- protocol: `{first.protocol}`-label, hash `{first.protocol_hash}`",
+            f"- teacher: top-1 {teacher.metrics['val_top1']:.1f}% "
+            f"(trained in {teacher.metrics['seconds']:.0f} s, "
+            f"peak {teacher.metrics['peak_mem_mb']:.0f} MiB, device "
+            f"{teachers[profile].data.tags.get('device', '?')})",
+            "",
+        ]
         out += _accuracy_table(g)
         out += _published_table(first.dataset, list(g.method.unique()), sorted(g.ipc.unique()))
         out += ["", "Gain over the random real subset under the same protocol:", ""]

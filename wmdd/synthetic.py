@@ -44,10 +44,14 @@ class SyntheticSet:
             raise FloatingPointError("synthetic set contains non-finite pixels")
 
     def save(self, path: Path) -> None:
-        torch.save({"images": self.images.float().cpu().contiguous(),
-                    "labels": self.labels.long().cpu(),
-                    "weights": None if self.weights is None else self.weights.float().cpu()},
-                   path)
+        torch.save(
+            {
+                "images": self.images.float().cpu().contiguous(),
+                "labels": self.labels.long().cpu(),
+                "weights": None if self.weights is None else self.weights.float().cpu(),
+            },
+            path,
+        )
 
     @classmethod
     def load(cls, path: Path) -> SyntheticSet:
@@ -74,8 +78,15 @@ def jpeg_roundtrip(pixels: Tensor, quality: int = 75) -> Tensor:
     return torch.stack(out)
 
 
-def preview_grid(pixels: Tensor, labels: Tensor, num_classes: int, *, max_classes: int = 10,
-                 max_per_class: int = 10, upscale_to: int = 48) -> Image.Image:
+def preview_grid(
+    pixels: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    max_classes: int = 10,
+    max_per_class: int = 10,
+    upscale_to: int = 48,
+) -> Image.Image:
     """A grid image: one row per class (first ``max_classes``), up to ``max_per_class`` images.
 
     Args:

@@ -34,8 +34,15 @@ class Accuracy:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int,
-             device: torch.device, normalize=None) -> Accuracy:
+def evaluate(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    normalize=None,
+) -> Accuracy:
     """Top-1 / top-5 accuracy (%) of ``model`` (put in eval mode) on a whole split.
 
     Args:
@@ -60,8 +67,9 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: in
     return Accuracy(top1=100.0 * correct1 / n, top5=100.0 * correct5 / n)
 
 
-def augment_batch(x: Tensor, *, crop_scale: tuple[float, float], flip: bool,
-                  gen: torch.Generator) -> Tensor:
+def augment_batch(
+    x: Tensor, *, crop_scale: tuple[float, float], flip: bool, gen: torch.Generator
+) -> Tensor:
     """Per-image RandomResizedCrop (+ flip) at the input resolution. (b, C, R, R)."""
     res = x.shape[-1]
     boxes = sample_crop_boxes(len(x), res, res, scale=crop_scale, generator=gen)
@@ -72,12 +80,23 @@ def augment_batch(x: Tensor, *, crop_scale: tuple[float, float], flip: bool,
 
 
 def build_teacher(model_cfg: ModelConfig, data: PreparedData) -> nn.Module:
-    return create_model(model_cfg.name, num_classes=data.num_classes, in_chans=data.channels,
-                        resolution=data.resolution, **model_cfg.kwargs)
+    return create_model(
+        model_cfg.name,
+        num_classes=data.num_classes,
+        in_chans=data.channels,
+        resolution=data.resolution,
+        **model_cfg.kwargs,
+    )
 
 
-def train_teacher(cfg: TeacherConfig, data: PreparedData, *, seed: int, device: torch.device,
-                  progress: bool = True) -> tuple[nn.Module, list[dict]]:
+def train_teacher(
+    cfg: TeacherConfig,
+    data: PreparedData,
+    *,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[nn.Module, list[dict]]:
     """Trains the teacher from scratch by ``cfg``'s recipe.
 
     Returns:
@@ -88,13 +107,19 @@ def train_teacher(cfg: TeacherConfig, data: PreparedData, *, seed: int, device: 
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum,
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
     )
     n = len(data.train_y)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))
+    )
     gen = generator(seed, "teacher-data")
     history = []
     bar = tqdm(range(cfg.epochs), desc="teacher", unit="epoch", disable=not progress)
@@ -114,17 +139,25 @@ def train_teacher(cfg: TeacherConfig, data: PreparedData, *, seed: int, device: 
             opt.step()
             sched.step()
             running += loss.item() * len(idx)
-        acc = evaluate(model, data.val_x, data.val_y, batch_size=256, device=device,
-                       normalize=data.normalize)
-        history.append({"epoch": epoch + 1, "loss": running / n, "val_top1": acc.top1,
-                        "lr": sched.get_last_lr()[0]})
+        acc = evaluate(
+            model, data.val_x, data.val_y, batch_size=256, device=device, normalize=data.normalize
+        )
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": running / n,
+                "val_top1": acc.top1,
+                "lr": sched.get_last_lr()[0],
+            }
+        )
         bar.set_postfix(loss=f"{running / n:.3f}", val_top1=f"{acc.top1:.1f}")
     model.eval()
     return model, history
 
 
-def save_teacher(model: nn.Module, path: Path, *, model_cfg: ModelConfig, data: PreparedData,
-                 extra: dict) -> None:
+def save_teacher(
+    model: nn.Module, path: Path, *, model_cfg: ModelConfig, data: PreparedData, extra: dict
+) -> None:
     """Saves weights with everything needed to rebuild the model strictly."""
     torch.save(
         {
@@ -152,8 +185,13 @@ def load_teacher(path: str | Path, *, device: torch.device) -> nn.Module:
         raise FileNotFoundError(f"teacher checkpoint {path} not found (run the teacher stage)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ckpt["model"]
-    model = create_model(cfg["name"], num_classes=ckpt["num_classes"], in_chans=ckpt["in_chans"],
-                         resolution=ckpt["resolution"], **cfg["kwargs"])
+    model = create_model(
+        cfg["name"],
+        num_classes=ckpt["num_classes"],
+        in_chans=ckpt["in_chans"],
+        resolution=ckpt["resolution"],
+        **cfg["kwargs"],
+    )
     model.load_state_dict(ckpt["state_dict"], strict=True)
     model.to(device).eval()
     for p in model.parameters():

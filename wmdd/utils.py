@@ -116,7 +116,6 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-
 @contextlib.contextmanager
 def seeded_init(seed: int) -> Iterator[None]:
     """Seeds torch's global RNG for module initialisers only, restoring it afterwards.

@@ -74,7 +74,9 @@ def find_split_root(path: Path) -> tuple[Path, str]:
     )
 
 
-def list_split(split_dir: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+def list_split(
+    split_dir: Path, classes: list[str] | None = None
+) -> tuple[list[Path], list[int], list[str]]:
     """Lists the images of one split: paths, labels and the class names."""
     found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if classes is None:
@@ -100,8 +102,8 @@ def list_split(split_dir: Path, classes: list[str] | None = None) -> tuple[list[
 
 def load_image(path: Path, resolution: int) -> np.ndarray:
     """Decodes one image to RGB, resizes the shorter side and centre-crops: (3, H, W) uint8."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+    with Image.open(path) as opened:
+        img = opened.convert("RGB")
         w, h = img.size
         scale = resolution / min(w, h)
         size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
@@ -132,7 +134,9 @@ def decode_images(
             ) from None
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        arrays = list(tqdm(pool.map(load, paths), total=len(paths), desc=desc, unit="img"))
+        arrays = list(
+            tqdm(pool.map(load, paths), total=len(paths), desc=desc, unit="img", disable=None)
+        )
     kept = [i for i, a in enumerate(arrays) if a is not None]
     skipped = [str(paths[i]) for i, a in enumerate(arrays) if a is None]
     if not kept:
@@ -158,8 +162,9 @@ def read_tree(root: Path, cfg: DataConfig, *, default_resolution: int = 0) -> Ra
         val_paths, val_labels, resolution, skip_corrupt=skip, desc=val_name
     )
     skipped = [str(Path(p).relative_to(root)) for p in skipped_t + skipped_v]
-    return RawDataset(classes, train_x, train_y, val_x, val_y, skipped=tuple(skipped),
-                      val_split_name=val_name)
+    return RawDataset(
+        classes, train_x, train_y, val_x, val_y, skipped=tuple(skipped), val_split_name=val_name
+    )
 
 
 def resolve_local_source(cfg: DataConfig, workdir: Path) -> tuple[Path, str]:

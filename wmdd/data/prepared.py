@@ -102,7 +102,12 @@ def save_prepared(data: PreparedData, out_dir: Path, extra_manifest: dict) -> di
     """Writes ``data.pt`` and ``manifest.json`` into ``out_dir``; returns the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(
-        {"train_x": data.train_x, "train_y": data.train_y, "val_x": data.val_x, "val_y": data.val_y},
+        {
+            "train_x": data.train_x,
+            "train_y": data.train_y,
+            "val_x": data.val_x,
+            "val_y": data.val_y,
+        },
         out_dir / DATA_FILE,
     )
     manifest = {
