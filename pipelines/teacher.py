@@ -8,6 +8,7 @@ and ``models/<profile>/metrics.json`` (validation top-1/top-5, wall time).
 
 from __future__ import annotations
 
+import logging
 import time
 
 from pipelines.common import base_parser, load_checked, run_main
@@ -37,14 +38,24 @@ def main(argv: list[str] | None = None) -> None:
         device=device,
     ) as mlflow:
         start = time.perf_counter()
-        model, history = train_teacher(
-            profile.teacher, data, seed=seed, device=device, progress=not args.no_progress
-        )
-        seconds = time.perf_counter() - start
-        for h in history:
+
+        def log_epoch(h: dict) -> None:
+            logging.getLogger("pipelines.teacher").info(
+                "epoch %d: loss %.4f, val top-1 %.2f", h["epoch"], h["loss"], h["val_top1"]
+            )
             mlflow.log_metrics(
                 {"train_loss": h["loss"], "val_top1_epoch": h["val_top1"]}, step=h["epoch"]
             )
+
+        model, _ = train_teacher(
+            profile.teacher,
+            data,
+            seed=seed,
+            device=device,
+            progress=not args.no_progress,
+            on_epoch=log_epoch,
+        )
+        seconds = time.perf_counter() - start
         acc = evaluate(
             model, data.val_x, data.val_y, batch_size=256, device=device, normalize=data.normalize
         )

@@ -83,6 +83,7 @@ CSV_COLUMNS = [
     "relabel_seconds",
     "label_bytes",
     "eval_seconds",
+    "phase_seconds",
     "protocol_hash",
     "commit",
     "evaluate_run_id",
@@ -186,12 +187,22 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
                 "relabel_seconds": rl.metrics["relabel_seconds"],
                 "label_bytes": rl.metrics["label_bytes"],
                 "eval_seconds": ev.metrics["eval_seconds"],
+                "phase_seconds": _phases(di.metrics),
                 "protocol_hash": ev.tags["protocol_hash"],
                 "commit": ev.tags["git_commit"][:12],
                 "evaluate_run_id": c.evaluate.info.run_id,
             }
         )
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
+
+
+def _phases(metrics: dict[str, float]) -> str:
+    """A method's own timing breakdown (``time_<phase>_seconds`` metrics of its distill run),
+    e.g. ``features 1.2; barycenters 0.3; bn_stats 0.8; optimise 40.1``."""
+    phases = sorted(
+        (k[5:-8], v) for k, v in metrics.items() if k.startswith("time_") and k.endswith("_seconds")
+    )
+    return "; ".join(f"{name} {v:.1f}" for name, v in phases)
 
 
 def _fmt_acc(mean: float, std: float, n: int) -> str:
@@ -256,6 +267,7 @@ def _cost_table(df: pd.DataFrame) -> list[str]:
             f"{r.label_bytes / 2**20:.1f}",
             f"{r.eval_seconds:.1f}",
             f"{r.peak_mem_mb:.0f}",
+            r.phase_seconds or "-",
         ]
         for r in df.itertuples()
     ]
@@ -269,6 +281,7 @@ def _cost_table(df: pd.DataFrame) -> list[str]:
             "stored labels MiB",
             "eval s (all seeds)",
             "peak mem MiB",
+            "distill phases (s)",
         ],
         rows,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,8 +97,12 @@ def train_teacher(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Trains the teacher from scratch by ``cfg``'s recipe.
+
+    ``on_epoch`` receives each epoch's ``{epoch, loss, val_top1, lr}`` as soon as it ends
+    (the teacher stage logs it to MLflow, so a long run can be followed in the UI).
 
     Returns:
         The model (eval mode) and a per-epoch history ``[{epoch, loss, val_top1, lr}]``.
@@ -151,6 +156,8 @@ def train_teacher(
             }
         )
         bar.set_postfix(loss=f"{running / n:.3f}", val_top1=f"{acc.top1:.1f}")
+        if on_epoch is not None:
+            on_epoch(history[-1])
     model.eval()
     return model, history
 
