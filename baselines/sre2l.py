@@ -46,10 +46,8 @@ from wmdd.data.prepared import PreparedData
 from wmdd.synthesis import (
     SynthBatch,
     SynthesisConfig,
-    pixel_maps,
-    real_image_init,
     slot_batches,
-    synthesize,
+    synthesize_dataset,
 )
 from wmdd.synthetic import SyntheticSet
 
@@ -190,22 +188,17 @@ def sre2l(
         data.check_ipc(classes, ipc)
     batches = slot_batches(classes, ipc, scfg.batch_budget, num_classes=data.num_classes)
     running = global_bn_stats(teacher).to(device)  # (1, C_l) per layer
-    to_pixels, from_pixels = pixel_maps(data)
     with BNInputRecorder(teacher) as recorder:
-        images, labels, stats = synthesize(
+        images, labels, stats = synthesize_dataset(
+            data,
             batches=batches,
             loss_fn=lambda x, b: sre2l_loss(
                 teacher, recorder, x, b, running=running, config=config
             ),
             cfg=scfg,
             seed=seed,
-            shape=(data.channels, data.resolution, data.resolution),
-            pixel_bounds=data.pixel_bounds(device),
             device=device,
-            real_init=real_image_init(data, seed) if scfg.init == "real" else None,
             progress=progress,
-            to_pixels=to_pixels,
-            from_pixels=from_pixels,
         )
     aux: dict[str, Any] = {
         "synthesis": {k: v for k, v in stats.items() if k != "optimise_seconds"},

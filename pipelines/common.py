@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from wmdd.config import ConfigError, Params, load_params
+from wmdd.config import ConfigError, Params, ProfileConfig, load_params
 
 
 def base_parser(
@@ -31,6 +31,16 @@ def base_parser(
         parser.add_argument("--ipc", required=True, type=int, help="images per class")
     parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
     return parser
+
+
+def stage_tags(args: argparse.Namespace, profile: ProfileConfig, **extra) -> dict:
+    """The MLflow tags that identify a stage run: profile, budget, dataset, and for per-cell
+    stages the method and IPC (plus ``extra``)."""
+    tags = {"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name}
+    for key in ("method", "ipc"):
+        if hasattr(args, key):
+            tags[key] = getattr(args, key)
+    return {**tags, **extra}
 
 
 def setup_logging() -> None:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from pipelines.common import base_parser, load_checked, run_main
+from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from pipelines.registry import get_method, method_config
 from wmdd import paths
 from wmdd.config import flatten, to_dict
@@ -60,14 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher = load_teacher(teacher_file, device=device) if spec.needs_teacher else None
     seed = derive_seed(params.benchmark.seed, args.dataset, args.method)
     inputs = [paths.data_dir(args.dataset)] + ([teacher_file] if spec.needs_teacher else [])
-    tags = {
-        "dataset": args.dataset,
-        "budget": profile.budget,
-        "dataset_name": profile.data.name,
-        "method": args.method,
-        "ipc": args.ipc,
-        "classes": f"{classes.start}:{classes.stop}",
-    }
+    tags = stage_tags(args, profile, classes=f"{classes.start}:{classes.stop}")
     with stage_run(
         experiment=params.benchmark.experiment,
         stage="distill",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from pipelines.common import base_parser, load_checked, run_main
+from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from wmdd import paths
 from wmdd.config import flatten
 from wmdd.data import load_prepared
@@ -37,15 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     synthetic = SyntheticSet.load(set_dir / SET_FILE)
     protocol = profile.protocol
     phash = protocol_hash(protocol, eval_seeds=bench.eval_seeds, base_seed=bench.seed)
-    tags = {
-        "dataset": args.dataset,
-        "budget": profile.budget,
-        "dataset_name": profile.data.name,
-        "method": args.method,
-        "ipc": args.ipc,
-        "protocol": protocol.kind,
-        "protocol_hash": phash,
-    }
+    tags = stage_tags(args, profile, protocol=protocol.kind, protocol_hash=phash)
     with stage_run(
         experiment=bench.experiment,
         stage="evaluate",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from pipelines.common import base_parser, load_checked, run_main
+from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from wmdd import paths
 from wmdd.config import flatten
 from wmdd.data.prepare import prepare_dataset
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         experiment=params.benchmark.experiment,
         stage="prepare",
         run_name=f"prepare/{args.dataset}",
-        tags={"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name},
+        tags=stage_tags(args, profile),
         params=flatten(profile.data, "data."),
         inputs=[],
         device=device,

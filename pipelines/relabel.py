@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from pipelines.common import base_parser, load_checked, run_main
+from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from wmdd import paths
 from wmdd.config import flatten
 from wmdd.evaluation import stored_labels_path
@@ -37,15 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     phash = protocol_hash(profile.protocol, eval_seeds=bench.eval_seeds, base_seed=bench.seed)
     soft = profile.protocol.soft if profile.protocol.kind == "soft" else None
     stored = soft is not None and soft.relabel_mode == "stored"
-    tags = {
-        "dataset": args.dataset,
-        "budget": profile.budget,
-        "dataset_name": profile.data.name,
-        "method": args.method,
-        "ipc": args.ipc,
-        "protocol": profile.protocol.kind,
-        "protocol_hash": phash,
-    }
+    tags = stage_tags(args, profile, protocol=profile.protocol.kind, protocol_hash=phash)
     with stage_run(
         experiment=bench.experiment,
         stage="relabel",

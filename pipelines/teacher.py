@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from pipelines.common import base_parser, load_checked, run_main
+from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from wmdd import paths
 from wmdd.config import flatten
 from wmdd.data import load_prepared
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         experiment=params.benchmark.experiment,
         stage="teacher",
         run_name=f"teacher/{args.dataset}",
-        tags={"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name},
+        tags=stage_tags(args, profile),
         params={**flatten(profile.teacher, "teacher."), "seed": seed},
         inputs=[data_dir],
         device=device,

@@ -145,15 +145,15 @@ def test_end_to_end_batches_hold_one_image_per_class_and_slot(
 ) -> None:
     data = _tiny_data()
     seen: list[list[tuple[int, int]]] = []
-    original = sre2l_module.synthesize
+    original = sre2l_module.synthesize_dataset
 
-    def recording(**kwargs):
+    def recording(data, **kwargs):
         seen.extend(
             list(zip(b.classes.tolist(), b.slots.tolist(), strict=True)) for b in kwargs["batches"]
         )
-        return original(**kwargs)
+        return original(data, **kwargs)
 
-    monkeypatch.setattr(sre2l_module, "synthesize", recording)
+    monkeypatch.setattr(sre2l_module, "synthesize_dataset", recording)
     out = sre2l(
         teacher=_teacher(data),
         data=data,

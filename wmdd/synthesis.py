@@ -76,6 +76,7 @@ __all__ = [
     "real_image_init",
     "slot_batches",
     "synthesize",
+    "synthesize_dataset",
 ]
 
 
@@ -464,3 +465,31 @@ def synthesize(
         "optimise_seconds": time.perf_counter() - start,
     }
     return images, labels, stats
+
+
+def synthesize_dataset(
+    data: PreparedData,
+    *,
+    batches: Sequence[SynthBatch],
+    loss_fn: LossFn,
+    cfg: SynthesisConfig,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor, dict]:
+    """:func:`synthesize` with the image shape, clamp bounds, real-image init and JPEG pixel
+    maps taken from ``data`` (what WMDD and SRe2L both need)."""
+    to_pixels, from_pixels = pixel_maps(data)
+    return synthesize(
+        batches=batches,
+        loss_fn=loss_fn,
+        cfg=cfg,
+        seed=seed,
+        shape=(data.channels, data.resolution, data.resolution),
+        pixel_bounds=data.pixel_bounds(device),
+        device=device,
+        real_init=real_image_init(data, seed) if cfg.init == "real" else None,
+        progress=progress,
+        to_pixels=to_pixels,
+        from_pixels=from_pixels,
+    )

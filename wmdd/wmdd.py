@@ -73,9 +73,7 @@ from wmdd.synthesis import (
     SynthBatch,
     SynthesisConfig,
     class_batches,
-    pixel_maps,
-    real_image_init,
-    synthesize,
+    synthesize_dataset,
 )
 from wmdd.synthetic import SyntheticSet
 from wmdd.utils import derive_seed
@@ -449,22 +447,17 @@ def wmdd_distill(
         barycenters=None if bary is None else bary.to(device),
         class_means=None if means is None else means.to(device),
     )
-    to_pixels, from_pixels = pixel_maps(data)
     with BNInputRecorder(teacher) as recorder:
-        images, labels, stats = synthesize(
+        images, labels, stats = synthesize_dataset(
+            data,
             batches=batches,
             loss_fn=lambda x, b: wmdd_loss(
                 *teacher_forward(teacher, recorder, x), b, targets=targets, config=config
             ),
             cfg=scfg,
             seed=seed,
-            shape=(data.channels, data.resolution, data.resolution),
-            pixel_bounds=data.pixel_bounds(device),
             device=device,
-            real_init=real_image_init(data, seed) if scfg.init == "real" else None,
             progress=progress,
-            to_pixels=to_pixels,
-            from_pixels=from_pixels,
         )
     timings["optimise"] = stats["optimise_seconds"]
     aux: dict[str, Any] = {
