@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     ) as mlflow:
         start = time.perf_counter()
         with atomic_dir(out) as tmp:
-            manifest = prepare_dataset(profile.data, tmp)
+            manifest = prepare_dataset(profile.data, tmp, progress=not args.no_progress)
         counts = manifest["counts"]
         mlflow.log_metrics(
             {

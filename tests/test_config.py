@@ -107,7 +107,7 @@ def test_invalid_yaml(tmp_path: Path) -> None:
 
 def test_unknown_profile_lookup_lists_known() -> None:
     params = load_params(PARAMS)
-    with pytest.raises(ConfigError, match=r"unknown dataset profile 'nope'; known: digits"):
+    with pytest.raises(ConfigError, match=r"unknown dataset profile 'nope'; known: .*digits"):
         params.profile("nope")
 
 
@@ -255,7 +255,7 @@ def test_selected_protocol_missing(raw, tmp_path) -> None:
 def test_benchmark_unknown_profile(raw, tmp_path) -> None:
     msg = _error(tmp_path, raw, lambda d: d["benchmark"].update(datasets=["digits", "cifar"]))
     assert "benchmark.datasets: 'cifar' is not a key of `datasets`" in msg
-    assert "known: digits" in msg
+    assert "known: " in msg and "digits" in msg
 
 
 def test_benchmark_unknown_method(raw, tmp_path) -> None:
@@ -372,4 +372,7 @@ def test_flatten() -> None:
         "data.split_seed": 0,
         "data.skip_corrupt": False,
         "data.sha256": "",
+        "data.archive": "",
+        "data.url": "",
+        "data.download_dir": "data/downloads",
     }

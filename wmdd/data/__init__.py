@@ -1,10 +1,16 @@
 """Datasets: registry, sources, the prepare step and the prepared form.
 
 Importing this package registers the built-in datasets (``digits``, ``imagefolder``,
-``imagenette``).
+``imagenette``, ``tiny_imagenet``, ``cifar10``).
 """
 
-from wmdd.data import digits, folder, imagenette  # noqa: F401  (registration side effects)
+from wmdd.data import (  # noqa: F401  (registration side effects)
+    cifar,
+    digits,
+    folder,
+    imagenette,
+    tiny_imagenet,
+)
 from wmdd.data.prepared import PreparedData, load_prepared
 from wmdd.data.registry import get_dataset, list_datasets
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-__all__ = ["DownloadError", "DownloadInterruptedError", "download", "sha256sum"]
+__all__ = ["DownloadError", "DownloadInterruptedError", "download", "file_digests", "sha256sum"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,18 +67,33 @@ def sha256sum(path: Path, chunk_size: int = 1 << 20) -> str:
     Returns:
         The lowercase hexadecimal digest.
     """
-    digest = hashlib.sha256()
+    return file_digests(path, chunk_size)["sha256"]
+
+
+def file_digests(path: Path, chunk_size: int = 1 << 20) -> dict[str, str]:
+    """SHA-256 and MD5 (hex) of a file in one pass over it."""
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
     with Path(path).open("rb") as fh:
         while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+            sha.update(chunk)
+            md5.update(chunk)
+    return {"sha256": sha.hexdigest(), "md5": md5.hexdigest()}
+
+
+def _mismatches(digests: dict[str, str], expected: dict[str, str]) -> list[str]:
+    return [
+        f"{algo}: expected {want}, got {digests[algo]}"
+        for algo, want in expected.items()
+        if digests[algo] != want
+    ]
 
 
 def download(
     url: str,
     dest: Path,
     *,
-    sha256: str,
+    sha256: str = "",
+    md5: str = "",
     size: int | None = None,
     progress: bool = True,
     timeout: float = 60.0,
@@ -90,6 +105,9 @@ def download(
         url: Source URL (``http``, ``https``; anything ``urllib`` opens).
         dest: Final path of the file. Its parent directory is created if needed.
         sha256: Expected hex SHA-256 of the complete file (case-insensitive).
+        md5: Expected hex MD5, for sources whose publisher documents only an MD5
+            (Tiny-ImageNet). At least one of ``sha256`` / ``md5`` is required; every one
+            given is checked.
         size: Expected size in bytes, checked in addition to the checksum if given.
         progress: Show a tqdm progress bar.
         timeout: Socket timeout in seconds for connecting and for each read.
@@ -106,21 +124,21 @@ def download(
             is deleted and nothing is written to ``dest``.
     """
     dest = Path(dest)
-    expected = sha256.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", expected):
-        raise ValueError(f"sha256 must be 64 hex characters, got {sha256!r}")
+    expected = {
+        algo: value.strip().lower() for algo, value in (("sha256", sha256), ("md5", md5)) if value
+    }
+    if not expected:
+        raise ValueError(f"download of {url}: an expected sha256 or md5 is required")
+    for algo, value in expected.items():
+        if not re.fullmatch(r"[0-9a-f]{%d}" % (64 if algo == "sha256" else 32), value):
+            raise ValueError(f"{algo} must be {64 if algo == 'sha256' else 32} hex characters")
 
     if dest.is_file():
-        actual = sha256sum(dest, chunk_size)
-        if actual == expected:
-            logger.debug("%s already present with matching sha256; skipping download", dest)
+        problems = _mismatches(file_digests(dest, chunk_size), expected)
+        if not problems:
+            logger.debug("%s already present with matching checksum; skipping download", dest)
             return dest
-        logger.warning(
-            "%s exists but its sha256 %s != expected %s; downloading it again",
-            dest,
-            actual,
-            expected,
-        )
+        logger.warning("%s exists but %s; downloading it again", dest, "; ".join(problems))
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -135,7 +153,9 @@ def download(
         # HTTP 416 on a resume: the part file is already as long as the resource.
         # Keep it if it verifies, otherwise throw it away and start over once.
         have = part.stat().st_size
-        if (size is not None and have != size) or sha256sum(part, chunk_size) != expected:
+        if (size is not None and have != size) or _mismatches(
+            file_digests(part, chunk_size), expected
+        ):
             logger.warning("%s does not verify after HTTP 416; restarting from zero", part)
             part.unlink()
             fetch()
@@ -305,7 +325,7 @@ def _verify_and_commit(
     part: Path,
     dest: Path,
     *,
-    expected: str,
+    expected: dict[str, str],
     size: int | None,
     chunk_size: int,
 ) -> None:
@@ -315,7 +335,7 @@ def _verify_and_commit(
         url: Source URL (for messages).
         part: The downloaded ``.part`` file.
         dest: Final destination.
-        expected: Expected lowercase hex SHA-256.
+        expected: Expected lowercase hex digests by algorithm (``sha256``, ``md5``).
         size: Expected size in bytes, or ``None`` to skip the size check.
         chunk_size: Read size used for hashing.
 
@@ -323,12 +343,10 @@ def _verify_and_commit(
         DownloadError: Size or checksum mismatch; ``part`` is deleted first.
     """
     actual_size = part.stat().st_size
-    actual = sha256sum(part, chunk_size)
     problems = []
     if size is not None and actual_size != size:
         problems.append(f"size: expected {size} bytes, got {actual_size} bytes")
-    if actual != expected:
-        problems.append(f"sha256: expected {expected}, got {actual}")
+    problems += _mismatches(file_digests(part, chunk_size), expected)
     if problems:
         part.unlink(missing_ok=True)
         raise DownloadError(
@@ -338,4 +356,6 @@ def _verify_and_commit(
             "expected checksum."
         )
     os.replace(part, dest)
-    logger.info("downloaded %s -> %s (%d bytes, sha256 ok)", url, dest, actual_size)
+    logger.info(
+        "downloaded %s -> %s (%d bytes, %s ok)", url, dest, actual_size, "+".join(expected)
+    )

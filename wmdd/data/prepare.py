@@ -8,6 +8,7 @@ from pathlib import Path
 from wmdd.config import DataConfig, to_dict
 from wmdd.data.prepared import PreparedData, channel_stats, save_prepared
 from wmdd.data.registry import get_dataset
+from wmdd.data.sources import fetch_source
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,20 @@ def _check_raw(raw, name: str) -> None:
             raise ValueError(f"{name}: {split} labels outside 0..{len(raw.classes) - 1}")
 
 
-def prepare_dataset(cfg: DataConfig, out_dir: Path) -> dict:
+_DOWNLOAD_KEYS = ("archive", "url", "download_dir")
+
+
+def _manifest_config(cfg: DataConfig) -> dict:
+    """The data config for the manifest; the download keys only for a downloaded source
+    (a local copy's manifest, and so its DVC hash, does not change with them)."""
+    config = to_dict(cfg)
+    if cfg.source != "download":
+        for key in _DOWNLOAD_KEYS:
+            config.pop(key)
+    return config
+
+
+def prepare_dataset(cfg: DataConfig, out_dir: Path, *, progress: bool = True) -> dict:
     """Reads ``cfg``'s source and writes ``data.pt`` + ``manifest.json`` into ``out_dir``.
 
     The caller passes a temporary directory (see ``wmdd.utils.atomic_dir``) so that a
@@ -28,7 +42,8 @@ def prepare_dataset(cfg: DataConfig, out_dir: Path) -> dict:
     """
     info, reader = get_dataset(cfg.name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = reader(cfg, out_dir)
+    resolved = fetch_source(cfg, progress=progress)
+    raw = reader(resolved, out_dir)
     _check_raw(raw, cfg.name)
     if info.mean is not None and info.std is not None:
         mean, std = info.mean, info.std
@@ -51,7 +66,8 @@ def prepare_dataset(cfg: DataConfig, out_dir: Path) -> dict:
         out_dir,
         {
             "description": info.description,
-            "config": to_dict(cfg),
+            "config": _manifest_config(cfg),
+            **({"downloaded": resolved.source} if cfg.source == "download" else {}),
             "source_sha256": raw.source_sha256,
             "val_split_name": raw.val_split_name,
             "skipped": {"count": len(raw.skipped), "files": list(raw.skipped)},
