@@ -1,4 +1,5 @@
-"""Stage ``teacher``: train (or load) the dataset profile's teacher.
+"""Stage ``teacher``: train the dataset profile's teacher, or load pretrained weights
+(``teacher.pretrained``, e.g. torchvision's ResNet-18 IMAGENET1K_V1 for ImageNet-1K).
 
     python -m pipelines.teacher --dataset digits
 
@@ -15,7 +16,7 @@ from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from wmdd import paths
 from wmdd.config import flatten
 from wmdd.data import load_prepared
-from wmdd.teacher import evaluate, save_teacher, train_teacher
+from wmdd.teacher import evaluate, pretrained_teacher, save_teacher, train_teacher
 from wmdd.tracking import stage_run
 from wmdd.utils import atomic_file, derive_seed, peak_memory_mb, resolve_device, write_json
 
@@ -47,14 +48,23 @@ def main(argv: list[str] | None = None) -> None:
                 {"train_loss": h["loss"], "val_top1_epoch": h["val_top1"]}, step=h["epoch"]
             )
 
-        model, _ = train_teacher(
-            profile.teacher,
-            data,
-            seed=seed,
-            device=device,
-            progress=not args.no_progress,
-            on_epoch=log_epoch,
-        )
+        extra: dict = {}
+        if profile.teacher.pretrained:
+            model, info = pretrained_teacher(profile.teacher, data, device=device)
+            extra = {"pretrained": info.spec, "pretrained_sha256": info.sha256}
+            mlflow.set_tags({"pretrained": info.spec, "pretrained.sha256": info.sha256})
+            logging.getLogger("pipelines.teacher").info(
+                "loaded %s from %s (sha256 %s)", info.spec, info.path, info.sha256
+            )
+        else:
+            model, _ = train_teacher(
+                profile.teacher,
+                data,
+                seed=seed,
+                device=device,
+                progress=not args.no_progress,
+                on_epoch=log_epoch,
+            )
         seconds = time.perf_counter() - start
         acc = evaluate(
             model, data.val_x, data.val_y, batch_size=256, device=device, normalize=data.normalize
@@ -71,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                 tmp,
                 model_cfg=profile.teacher.model,
                 data=data,
-                extra={"val_top1": acc.top1, "profile": args.dataset, "seed": seed},
+                extra={"val_top1": acc.top1, "profile": args.dataset, "seed": seed, **extra},
             )
         mlflow.log_metrics(metrics)
         write_json(

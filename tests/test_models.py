@@ -19,11 +19,15 @@ from wmdd.teacher import load_teacher, save_teacher, teacher_checkpoint_info
 SMALL_KWARGS = {
     "convnet": {"width": 8, "depth": 2},
     "resnet18": {"stem": "imagenet"},
+    # timm zero-initialises each block's last BN scale, which blocks the gradient of the
+    # block's other layers at init; switched off so the every-parameter invariant applies.
+    "timm": {"model_name": "resnet18", "zero_init_last": False},
     "tiny_cnn": {"width": 4},
 }
 FEATURE_DIMS = {
     "convnet": lambda res: 8 * (res // 4) ** 2,
     "resnet18": lambda res: 512,
+    "timm": lambda res: 512,
     "tiny_cnn": lambda res: 8,
 }
 

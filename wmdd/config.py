@@ -219,6 +219,10 @@ class TeacherConfig:
     weight_decay: float = 1e-4  # SGD weight decay
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale range
     flip: bool = True  # random horizontal flip during training
+    # Pretrained weights instead of training (the recipe above is then unused):
+    # "torchvision:resnet18.IMAGENET1K_V1" | "timm:<model name>" | "file:<path>" | "" (train).
+    pretrained: str = ""
+    pretrained_dir: str = ""  # where weight files are looked for ("" = torch hub's checkpoints)
 
 
 @dataclass(frozen=True)

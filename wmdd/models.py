@@ -17,6 +17,9 @@ Registered models:
   key) with ``stem`` ``imagenet`` (7x7 stride 2 + max-pool), ``small`` (3x3 stride 1, no
   max-pool: the SRe2L convention for 32/64 px) or ``small_s2`` (3x3 stride 2, no max-pool:
   the WMDD paper's Tiny-ImageNet variant at 224 px).
+* ``timm`` — any ``timm`` architecture by ``model_name`` (e.g. ``resnet18``), built with
+  ``pretrained=False``; pretrained weights are loaded separately by
+  :func:`wmdd.pretrained.load_pretrained` (spec ``timm:<model_name>``).
 * ``tiny_cnn`` — a two-layer BN CNN for tests, registered like the real ones so tests run
   real code at toy size.
 """
@@ -24,7 +27,7 @@ Registered models:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torchvision
@@ -172,6 +175,62 @@ def _resnet18(
         raise ValueError(f"resnet18: unknown stem {stem!r}; expected imagenet, small, small_s2")
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     return model
+
+
+class TimmModel(nn.Module):
+    """A ``timm`` model with the ``forward_features`` / ``forward_head`` interface.
+
+    timm's own ``forward_features`` returns the unpooled feature map; here it is followed by
+    timm's ``forward_head(..., pre_logits=True)`` (global pooling, and for transformers the
+    token pooling and final norm), so ``forward_features`` is the (N, D) input of the linear
+    classifier and ``forward_head`` is that classifier alone. The timm module is ``self.net``:
+    parameter names are timm's behind a ``net.`` prefix.
+
+    Args:
+        model_name: a timm model name, optionally with a pretrained tag
+            (``resnet18``, ``resnet18.tv_in1k``); see ``timm.list_models()``.
+        **timm_kwargs: passed on to ``timm.create_model`` (``drop_rate``, ``zero_init_last``,
+            ``img_size`` for ViTs, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        in_chans: int,
+        resolution: int,
+        model_name: str,
+        **timm_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        del resolution  # timm models take their input size from the data (or a kwarg)
+        import timm  # imported here so that `import wmdd.models` stays light
+
+        if not timm.is_model(model_name):
+            raise ValueError(
+                f"timm: unknown model_name {model_name!r}; see timm.list_models() for the names"
+            )
+        self.model_name = model_name
+        # Any: timm's models share forward_head / get_classifier without a typed base class.
+        net: Any = timm.create_model(
+            model_name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **timm_kwargs
+        )
+        self.net = net
+        self.num_features: int = getattr(net, "head_hidden_size", None) or net.num_features
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)  # (N, D)
+
+    def forward_head(self, f: Tensor) -> Tensor:
+        return self.net.get_classifier()(f)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model("timm")
+def _timm(**kwargs) -> nn.Module:
+    return TimmModel(**kwargs)
 
 
 class TinyCNN(nn.Module):

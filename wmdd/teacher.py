@@ -23,6 +23,7 @@ from wmdd.augment import apply_flips, resized_crops, sample_crop_boxes, sample_f
 from wmdd.config import ModelConfig, TeacherConfig, to_dict
 from wmdd.data.prepared import PreparedData
 from wmdd.models import create_model
+from wmdd.pretrained import PretrainedInfo, load_pretrained
 from wmdd.utils import generator, seeded_init
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,9 @@ def train_teacher(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))
     )
     gen = generator(seed, "teacher-data")
+    # On a GPU, batches are gathered from pinned host memory and copied asynchronously;
+    # normalisation and augmentation then run on the device (same ops, same order as on CPU).
+    train_x = data.train_x.pin_memory() if device.type == "cuda" else data.train_x
     history = []
     bar = tqdm(range(cfg.epochs), desc="teacher", unit="epoch", disable=not progress)
     for epoch in bar:
@@ -134,8 +138,8 @@ def train_teacher(
         running = 0.0
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            x = data.normalize(data.train_x[idx])
-            x = augment_batch(x, crop_scale=cfg.crop_scale, flip=cfg.flip, gen=gen).to(device)
+            x = data.normalize(train_x[idx].to(device, non_blocking=True))
+            x = augment_batch(x, crop_scale=cfg.crop_scale, flip=cfg.flip, gen=gen)
             loss = F.cross_entropy(model(x), data.train_y[idx].to(device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"teacher: non-finite loss {loss.item()} at epoch {epoch}")
@@ -160,6 +164,22 @@ def train_teacher(
             on_epoch(history[-1])
     model.eval()
     return model, history
+
+
+def pretrained_teacher(
+    cfg: TeacherConfig, data: PreparedData, *, device: torch.device
+) -> tuple[nn.Module, PretrainedInfo]:
+    """Builds ``cfg.model`` for ``data`` and loads ``cfg.pretrained`` into it strictly.
+
+    The classifier must match the dataset's classes (ImageNet-1K's 1000, in the sorted-wnid
+    order torchvision's weights use); a mismatch is an error naming the keys.
+    """
+    model = build_teacher(cfg.model, data)
+    info = load_pretrained(
+        cfg.pretrained, model, weights_dir=Path(cfg.pretrained_dir) if cfg.pretrained_dir else None
+    )
+    model.to(device).eval()
+    return model, info
 
 
 def save_teacher(
