@@ -111,7 +111,10 @@ def test_checksum_mismatch_leaves_nothing(served, tmp_path: Path) -> None:
     server, _ = served
     downloads = tmp_path / "downloads"
     cfg = DataConfig(
-        name="imagenette", source="download", url=server.url("ds.tar.gz"), download_dir=str(downloads)
+        name="imagenette",
+        source="download",
+        url=server.url("ds.tar.gz"),
+        download_dir=str(downloads),
     )
     with pytest.raises(DownloadError, match="sha256: expected 64d0c485"):
         fetch_source(cfg, progress=False)

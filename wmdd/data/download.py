@@ -130,8 +130,9 @@ def download(
     if not expected:
         raise ValueError(f"download of {url}: an expected sha256 or md5 is required")
     for algo, value in expected.items():
-        if not re.fullmatch(r"[0-9a-f]{%d}" % (64 if algo == "sha256" else 32), value):
-            raise ValueError(f"{algo} must be {64 if algo == 'sha256' else 32} hex characters")
+        length = 64 if algo == "sha256" else 32
+        if not re.fullmatch(f"[0-9a-f]{{{length}}}", value):
+            raise ValueError(f"{algo} must be {length} hex characters, got {value!r}")
 
     if dest.is_file():
         problems = _mismatches(file_digests(dest, chunk_size), expected)
@@ -356,6 +357,4 @@ def _verify_and_commit(
             "expected checksum."
         )
     os.replace(part, dest)
-    logger.info(
-        "downloaded %s -> %s (%d bytes, %s ok)", url, dest, actual_size, "+".join(expected)
-    )
+    logger.info("downloaded %s -> %s (%d bytes, %s ok)", url, dest, actual_size, "+".join(expected))
