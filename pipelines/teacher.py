@@ -10,15 +10,31 @@ and ``models/<profile>/metrics.json`` (validation top-1/top-5, wall time).
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from wmdd import paths
 from wmdd.config import flatten
 from wmdd.data import load_prepared
-from wmdd.teacher import evaluate, pretrained_teacher, save_teacher, train_teacher
+from wmdd.data.lazy import LazySplitSet, load_lazy, make_loader
+from wmdd.data.prepared import PreparedData
+from wmdd.teacher import (
+    evaluate,
+    evaluate_loader,
+    pretrained_teacher,
+    save_teacher,
+    train_teacher,
+)
 from wmdd.tracking import stage_run
-from wmdd.utils import atomic_file, derive_seed, peak_memory_mb, resolve_device, write_json
+from wmdd.utils import (
+    atomic_file,
+    derive_seed,
+    peak_memory_mb,
+    read_json,
+    resolve_device,
+    write_json,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +43,18 @@ def main(argv: list[str] | None = None) -> None:
     profile = params.profile(args.dataset)
     device = resolve_device(params.benchmark.device)
     data_dir = paths.data_dir(args.dataset)
-    data = load_prepared(data_dir)
+    lazy = bool(read_json(data_dir / "manifest.json").get("lazy"))
+    if lazy and not profile.teacher.pretrained:
+        raise ValueError(
+            f"datasets.{args.dataset}.teacher.pretrained: {profile.data.name} is prepared lazily "
+            "and its teacher is loaded, not trained here; set e.g. "
+            "'torchvision:resnet18.IMAGENET1K_V1'"
+        )
+    data = (
+        load_lazy(data_dir, resolution=profile.data.resolution, source=profile.data.source)
+        if lazy
+        else load_prepared(data_dir)
+    )
     seed = derive_seed(params.benchmark.seed, args.dataset, "teacher")
     with stage_run(
         experiment=params.benchmark.experiment,
@@ -57,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                 "loaded %s from %s (sha256 %s)", info.spec, info.path, info.sha256
             )
         else:
+            assert isinstance(data, PreparedData)  # lazy data was refused above
             model, _ = train_teacher(
                 profile.teacher,
                 data,
@@ -66,9 +94,19 @@ def main(argv: list[str] | None = None) -> None:
                 on_epoch=log_epoch,
             )
         seconds = time.perf_counter() - start
-        acc = evaluate(
-            model, data.val_x, data.val_y, batch_size=256, device=device, normalize=data.normalize
-        )
+        if isinstance(data, LazySplitSet):
+            workers = min(8, os.cpu_count() or 1)
+            loader = make_loader(data.val, 256, workers=workers, device=device)
+            acc = evaluate_loader(model, loader, device=device, normalize=data.normalize)
+        else:
+            acc = evaluate(
+                model,
+                data.val_x,
+                data.val_y,
+                batch_size=256,
+                device=device,
+                normalize=data.normalize,
+            )
         metrics = {
             "val_top1": acc.top1,
             "val_top5": acc.top5,

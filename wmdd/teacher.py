@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from wmdd.augment import apply_flips, resized_crops, sample_crop_boxes, sample_flips
 from wmdd.config import ModelConfig, TeacherConfig, to_dict
+from wmdd.data.lazy import LazySplitSet
 from wmdd.data.prepared import PreparedData
 from wmdd.models import create_model
 from wmdd.pretrained import PretrainedInfo, load_pretrained
@@ -69,6 +70,26 @@ def evaluate(
     return Accuracy(top1=100.0 * correct1 / n, top5=100.0 * correct5 / n)
 
 
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader, *, device: torch.device, normalize) -> Accuracy:
+    """Top-1 / top-5 (%) over a DataLoader of ``(x uint8, y)`` batches (lazy datasets)."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = n = 0
+    for x, y in tqdm(loader, desc="evaluate", unit="batch", disable=None):
+        x = normalize(x.to(device, non_blocking=True))
+        y = y.to(device)
+        logits = model(x)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += int((top[:, 0] == y).sum())
+        correct5 += int((top == y[:, None]).any(dim=1).sum())
+        n += len(y)
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluate_loader: the loader yielded no images")
+    return Accuracy(top1=100.0 * correct1 / n, top5=100.0 * correct5 / n)
+
+
 def augment_batch(
     x: Tensor, *, crop_scale: tuple[float, float], flip: bool, gen: torch.Generator
 ) -> Tensor:
@@ -81,7 +102,7 @@ def augment_batch(
     return x
 
 
-def build_teacher(model_cfg: ModelConfig, data: PreparedData) -> nn.Module:
+def build_teacher(model_cfg: ModelConfig, data: PreparedData | LazySplitSet) -> nn.Module:
     return create_model(
         model_cfg.name,
         num_classes=data.num_classes,
@@ -167,7 +188,7 @@ def train_teacher(
 
 
 def pretrained_teacher(
-    cfg: TeacherConfig, data: PreparedData, *, device: torch.device
+    cfg: TeacherConfig, data: PreparedData | LazySplitSet, *, device: torch.device
 ) -> tuple[nn.Module, PretrainedInfo]:
     """Builds ``cfg.model`` for ``data`` and loads ``cfg.pretrained`` into it strictly.
 
@@ -183,7 +204,12 @@ def pretrained_teacher(
 
 
 def save_teacher(
-    model: nn.Module, path: Path, *, model_cfg: ModelConfig, data: PreparedData, extra: dict
+    model: nn.Module,
+    path: Path,
+    *,
+    model_cfg: ModelConfig,
+    data: PreparedData | LazySplitSet,
+    extra: dict,
 ) -> None:
     """Saves weights with everything needed to rebuild the model strictly."""
     torch.save(

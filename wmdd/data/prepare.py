@@ -6,9 +6,12 @@ import logging
 from pathlib import Path
 
 from wmdd.config import DataConfig, to_dict
+from wmdd.data.imagenet import index_imagenet
+from wmdd.data.lazy import MANIFEST_FILE
 from wmdd.data.prepared import PreparedData, channel_stats, save_prepared
 from wmdd.data.registry import get_dataset
 from wmdd.data.sources import fetch_source
+from wmdd.utils import write_json
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,28 @@ def _check_raw(raw, name: str) -> None:
 
 
 _DOWNLOAD_KEYS = ("archive", "url", "download_dir")
+
+# Datasets too large to cache as tensors: prepared as an index, decoded lazily
+# (wmdd.data.lazy). Their manifests carry ``"lazy": true``.
+LAZY_INDEXERS = {"imagenet1k": index_imagenet}
+
+
+def _prepare_lazy(cfg: DataConfig, resolved: DataConfig, out_dir: Path, *, progress: bool) -> dict:
+    if resolved.source in ("", "builtin"):
+        raise ValueError(
+            f"data.source: {cfg.name} has no public download; set it to the directory "
+            "holding the ILSVRC2012 archives or the extracted train/ and val/ folders"
+        )
+    if cfg.resolution <= 0:
+        raise ValueError(f"data.resolution: expected a positive int for {cfg.name}")
+    manifest = LAZY_INDEXERS[cfg.name](Path(resolved.source), out_dir, progress=progress)
+    manifest.update(
+        config=_manifest_config(cfg),
+        resolution=cfg.resolution,
+        skipped={"count": 0, "files": []},  # unreadable images surface when decoded
+    )
+    write_json(out_dir / MANIFEST_FILE, manifest)
+    return manifest
 
 
 def _manifest_config(cfg: DataConfig) -> dict:
@@ -43,6 +68,8 @@ def prepare_dataset(cfg: DataConfig, out_dir: Path, *, progress: bool = True) ->
     info, reader = get_dataset(cfg.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = fetch_source(cfg, progress=progress)
+    if cfg.name in LAZY_INDEXERS:
+        return _prepare_lazy(cfg, resolved, out_dir, progress=progress)
     raw = reader(resolved, out_dir)
     _check_raw(raw, cfg.name)
     if info.mean is not None and info.std is not None:

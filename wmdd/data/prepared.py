@@ -140,6 +140,11 @@ def load_prepared(data_dir: str | Path, *, verify: bool = False) -> PreparedData
     """
     data_dir = Path(data_dir)
     manifest = read_json(data_dir / MANIFEST_FILE)
+    if manifest.get("lazy"):
+        raise ValueError(
+            f"{data_dir}: {manifest['dataset']} is prepared as a lazy index (too large to cache "
+            "as tensors); only the prepare and teacher stages read lazy data so far"
+        )
     if verify:
         digest = file_digest(data_dir / DATA_FILE)
         if digest != manifest["checksums"][DATA_FILE]:
