@@ -175,8 +175,10 @@ def test_digits_split_is_deterministic_per_seed(digits16, tmp_path) -> None:
 
 def test_digits_rejects_bad_source_and_fraction(tmp_path) -> None:
     (tmp_path / "out").mkdir()
-    with pytest.raises(ValueError, match="expected 'builtin'"):
+    with pytest.raises(ValueError, match="no public download .* digits: builtin"):
         prepare_dataset(DataConfig(name="digits", source="download"), tmp_path / "out")
+    with pytest.raises(ValueError, match="expected 'builtin'"):
+        prepare_dataset(DataConfig(name="digits", source="/x.tgz"), tmp_path / "out")
     with pytest.raises(ValueError, match="val_fraction"):
         prepare_dataset(DataConfig(name="digits", val_fraction=0.0), tmp_path / "out")
 

@@ -119,7 +119,8 @@ def resolve_download(cfg: DataConfig) -> tuple[str, str, str, str, int | None]:
         if not (cfg.url and cfg.sha256):
             raise ValueError(
                 f"data.source: download: {cfg.name!r} has no public download known to this "
-                "project (ImageNet-1K has none: give the path of a local copy); set data.url "
+                f"project (those with one: {', '.join(sorted(DEFAULT_ARCHIVE))}); give a local "
+                "path (ImageNet-1K: your ILSVRC2012 copy; digits: builtin), or set data.url "
                 "and data.sha256 to download from elsewhere"
             )
         filename = Path(urlparse(cfg.url).path).name or f"{cfg.name}.download"
