@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_file(out / "benchmark.md") as tmp:
             tmp.write_text(text)
         with atomic_file(out / "results.csv") as tmp:
-            df.to_csv(tmp, index=False, float_format="%.4f")
+            df.to_csv(tmp, index=False, float_format="%.6g")
         mlflow.log_artifact(str(out / "benchmark.md"))
         mlflow.log_artifact(str(out / "results.csv"))
         mlflow.log_metric("cells", len(df))

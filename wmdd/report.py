@@ -19,6 +19,7 @@ and takes every number from them, so the tables equal what MLflow shows. It writ
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,9 @@ CSV_COLUMNS = [
     "teacher_top1",
     "distill_seconds",
     "peak_mem_mb",
+    "distill_peak_mem_mb",
+    "relabel_peak_mem_mb",
+    "eval_peak_mem_mb",
     "images_per_second",
     "relabel_seconds",
     "label_bytes",
@@ -102,8 +106,9 @@ CSV_COLUMNS = [
 ]
 
 
-class ReportError(RuntimeError):
-    """The tracking store does not hold the runs the pipeline outputs refer to."""
+class ReportError(ValueError):
+    """The tracking store does not hold the runs the pipeline outputs refer to (an input
+    error: the report stage exits with code 2 and this message)."""
 
 
 @dataclass
@@ -131,7 +136,13 @@ def _get_run(client, run_id: str, what: Path) -> Any:
 
 
 def _run_of(client, json_path: Path) -> Any:
-    return _get_run(client, read_json(json_path)["mlflow_run_id"], json_path)
+    run_id = read_json(json_path).get("mlflow_run_id")
+    if not isinstance(run_id, str) or not run_id:
+        raise ReportError(
+            f"{json_path}: no 'mlflow_run_id' (written by the stage that produced it); "
+            "re-run that stage (`dvc repro --force <stage>`)"
+        )
+    return _get_run(client, run_id, json_path)
 
 
 def collect_cells(
@@ -163,6 +174,8 @@ def welch(a: Sequence[float], b: Sequence[float]) -> float:
     """Two-sided Welch t-test p-value (nan when undefined, e.g. n < 2 or zero variance)."""
     if len(a) < 2 or len(b) < 2:
         return math.nan
+    if statistics.pvariance(a) == 0.0 and statistics.pvariance(b) == 0.0:
+        return math.nan  # t = +-inf or 0/0: no test without any spread
     p = stats.ttest_ind(a, b, equal_var=False).pvalue
     return float(p)
 
@@ -194,7 +207,14 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
                 else math.nan,
                 "teacher_top1": teachers[c.profile].data.metrics["val_top1"],
                 "distill_seconds": di.metrics["distill_seconds"],
-                "peak_mem_mb": max(di.metrics["peak_mem_mb"], ev.metrics["peak_mem_mb"]),
+                "peak_mem_mb": max(
+                    di.metrics["peak_mem_mb"],
+                    rl.metrics.get("peak_mem_mb", 0.0),
+                    ev.metrics["peak_mem_mb"],
+                ),
+                "distill_peak_mem_mb": di.metrics["peak_mem_mb"],
+                "relabel_peak_mem_mb": rl.metrics.get("peak_mem_mb", math.nan),
+                "eval_peak_mem_mb": ev.metrics["peak_mem_mb"],
                 "images_per_second": di.metrics["images_per_second"],
                 "relabel_seconds": rl.metrics["relabel_seconds"],
                 "label_bytes": rl.metrics["label_bytes"],
@@ -256,6 +276,8 @@ def _gain_table(df: pd.DataFrame) -> list[str]:
         if r.method != "random" and not math.isnan(r.gain_vs_random)
     ]
     if not rows:
+        if "random" not in set(df.method):
+            return ["(no `random` cells in this run: gains are measured against them)"]
         return ["(no method other than `random` in this run)"]
     return _table(["method", "IPC", "gain over random (points)", "Welch p"], rows)
 
