@@ -44,7 +44,14 @@ import torch
 import torch.nn.functional as F
 
 from wmdd.config import DataConfig
-from wmdd.data.folder import LayoutError, find_split_root, read_tree, resolve_local_source
+from wmdd.data.folder import (
+    LayoutError,
+    candidate_roots,
+    find_split_root,
+    listing,
+    read_tree,
+    resolve_local_source,
+)
 from wmdd.data.registry import DatasetInfo, RawDataset, register_dataset
 
 try:  # numpy >= 2
@@ -234,8 +241,7 @@ def read_pickled(batches_dir: Path, resolution: int) -> RawDataset:
 
 def find_batches_dir(path: Path) -> Path | None:
     """The directory holding CIFAR-10 batch files: ``path`` or its single sub-directory."""
-    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(("__MACOSX", "."))]
-    for root in [path] + (subdirs if len(subdirs) == 1 else []):
+    for root in candidate_roots(path):
         if any((root / name).is_file() for name in BATCH_FILES):
             return root
     return None
@@ -262,7 +268,7 @@ def read_cifar_tree(root: Path, cfg: DataConfig) -> RawDataset:
     try:
         split_root, _ = find_split_root(root)
     except LayoutError:
-        found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:20]
+        found = listing(root)
         raise LayoutError(
             f"{root}: expected {_LAYOUTS}, at the top level or inside a single "
             f"sub-directory; found: {found or 'nothing'}"

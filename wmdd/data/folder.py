@@ -53,6 +53,18 @@ def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
+def candidate_roots(path: Path) -> list[Path]:
+    """Where a dataset's top level may be: ``path`` itself, then its single sub-directory
+    (archives usually unpack to one folder; ``__MACOSX`` and hidden entries ignored)."""
+    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(("__MACOSX", "."))]
+    return [path] + (subdirs if len(subdirs) == 1 else [])
+
+
+def listing(path: Path) -> list[str]:
+    """The first 20 entries of ``path`` (folders with a trailing /), for layout errors."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())[:20]
+
+
 def find_split_root(path: Path) -> tuple[Path, str]:
     """Locates the directory holding ``train/`` and ``val/`` (or ``test/``).
 
@@ -62,12 +74,11 @@ def find_split_root(path: Path) -> tuple[Path, str]:
     Raises:
         LayoutError: saying what was expected and what was found.
     """
-    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(("__MACOSX", "."))]
-    for root in [path] + (subdirs if len(subdirs) == 1 else []):
+    for root in candidate_roots(path):
         for val_name in ("val", "test"):
             if (root / "train").is_dir() and (root / val_name).is_dir():
                 return root, val_name
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())[:20]
+    found = listing(path)
     raise LayoutError(
         f"{path}: expected train/ and val/ (or test/) folders of per-class sub-folders, "
         f"at the top level or inside a single sub-directory; found: {found or 'nothing'}"

@@ -65,7 +65,7 @@ from wmdd.data.archive import (
     _has_dotdot,
     _is_absolute,
 )
-from wmdd.data.folder import IMAGE_SUFFIXES, LayoutError, list_split
+from wmdd.data.folder import IMAGE_SUFFIXES, LayoutError, list_split, listing
 from wmdd.data.imagenette import IMAGENET_MEAN, IMAGENET_STD
 from wmdd.data.lazy import Layout, SplitIndex, save_index
 from wmdd.data.registry import DatasetInfo, RawDataset, register_dataset
@@ -176,7 +176,7 @@ def detect_layout(source: Path) -> Layout:
         return "archives"
     if (source / "train").is_dir() and (source / "val").is_dir():
         return "folders"
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in source.iterdir())[:20]
+    found = listing(source)
     raise LayoutError(
         f"{source}: expected either {TRAIN_TAR} + {VAL_TAR} + validation labels "
         f"({' or '.join(LABEL_FILES)}), or extracted train/<wnid>/ and val/ folders; "

@@ -30,7 +30,14 @@ from collections import Counter
 from pathlib import Path
 
 from wmdd.config import DataConfig
-from wmdd.data.folder import IMAGE_SUFFIXES, LayoutError, decode_images, resolve_local_source
+from wmdd.data.folder import (
+    IMAGE_SUFFIXES,
+    LayoutError,
+    candidate_roots,
+    decode_images,
+    listing,
+    resolve_local_source,
+)
 from wmdd.data.registry import DatasetInfo, RawDataset, register_dataset
 
 TINY_IMAGENET = DatasetInfo(
@@ -53,11 +60,10 @@ def find_tiny_root(path: Path) -> Path:
     Raises:
         LayoutError: saying what was expected and what was found.
     """
-    subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(("__MACOSX", "."))]
-    for root in [path] + (subdirs if len(subdirs) == 1 else []):
+    for root in candidate_roots(path):
         if (root / WNIDS_FILE).is_file():
             return root
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())[:20]
+    found = listing(path)
     raise LayoutError(
         f"{path}: expected the tiny-imagenet-200/ layout ({WNIDS_FILE}, train/<wnid>/images/, "
         f"val/images/ and {VAL_ANNOTATIONS}), at the top level or inside a single "
