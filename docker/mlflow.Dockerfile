@@ -1,0 +1,58 @@
+# A small MLflow tracking server: SQLite backend store and served artefacts in /mlflow (a volume).
+#
+# Build from the repository root (for docker/certs/):
+#   docker build -f docker/mlflow.Dockerfile -t wmdd-mlflow .
+#   docker run --network host -v wmdd-mlflow:/mlflow wmdd-mlflow      # http://127.0.0.1:5000
+# Clients log with MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (artefacts go through the server).
+
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+# The same range as pyproject.toml's mlflow requirement (tests/test_docker_files.py checks it).
+ARG MLFLOW_REQUIREMENT="mlflow>=3.5,<4"
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && if ! command -v python3.11 >/dev/null; then \
+         apt-get install -y --no-install-recommends python3.11 python3.11-venv; \
+       fi \
+    && rm -rf /var/lib/apt/lists/*
+
+# Optional extra CA certificates (*.crt), e.g. a TLS-intercepting proxy's: see docker/certs/.
+COPY docker/certs/ /usr/local/share/ca-certificates/wmdd-extra/
+RUN update-ca-certificates
+
+RUN python3.11 -m venv /opt/venv \
+    && /opt/venv/bin/pip install "${MLFLOW_REQUIREMENT}"
+ENV PATH=/opt/venv/bin:${PATH}
+
+RUN useradd --create-home --uid 1000 mlflow \
+    && mkdir -p /mlflow/artifacts \
+    && chown -R mlflow:mlflow /mlflow
+USER 1000:1000
+WORKDIR /mlflow
+VOLUME ["/mlflow"]
+
+# Host headers the server accepts (DNS-rebinding protection): loopback on any port, and the
+# compose service name for a bridge network. MLFLOW_SERVER_HOST=127.0.0.1 keeps a host-network
+# server off the machine's other interfaces.
+ENV MLFLOW_SERVER_HOST=0.0.0.0 \
+    MLFLOW_SERVER_PORT=5000 \
+    MLFLOW_ALLOWED_HOSTS="localhost,localhost:*,127.0.0.1,127.0.0.1:*,mlflow,mlflow:*"
+
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=5 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['MLFLOW_SERVER_PORT'] + '/health', timeout=4)"]
+
+CMD ["sh", "-c", "exec mlflow server --backend-store-uri sqlite:////mlflow/mlflow.db --serve-artifacts --artifacts-destination /mlflow/artifacts --host \"$MLFLOW_SERVER_HOST\" --port \"$MLFLOW_SERVER_PORT\" --allowed-hosts \"$MLFLOW_ALLOWED_HOSTS\""]
