@@ -106,13 +106,21 @@ def read_imagenet1k(cfg: DataConfig, workdir: Path) -> RawDataset:
     )
 
 
-def index_imagenet(source: Path, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+def index_imagenet(
+    source: Path,
+    out_dir: Path,
+    *,
+    progress: bool = True,
+    extra_manifest: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Indexes an ImageNet-1K source directory into ``out_dir`` (``index.pt``, ``manifest.json``).
 
     Args:
         source: The directory holding the official archives or an extracted copy.
         out_dir: Output directory; the caller makes it atomic (``wmdd.utils.atomic_dir``).
         progress: Show progress bars.
+        extra_manifest: Further manifest entries from the caller (the prepare stage's
+            config, resolution...), written with the index in one go.
 
     Returns:
         The manifest.
@@ -149,6 +157,7 @@ def index_imagenet(source: Path, out_dir: Path, *, progress: bool = True) -> dic
             "std": list(IMAGENET_STD),
             "val_split_name": "val",
             "val_labels": labels_info,
+            **(extra_manifest or {}),
         },
     )
     log.info(

@@ -53,6 +53,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from wmdd.data.folder import load_image
+from wmdd.data.prepared import normalize_pixels
 from wmdd.utils import file_digest, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -319,9 +320,7 @@ class LazySplitSet:
 
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 (N, C, H, W) -> float normalised space (as PreparedData.normalize)."""
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-        return (x.float() / 255.0 - mean) / std
+        return normalize_pixels(x, self.mean, self.std)
 
     def split(self, name: str) -> LazyImages:
         if name not in SPLITS:

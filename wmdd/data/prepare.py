@@ -7,11 +7,9 @@ from pathlib import Path
 
 from wmdd.config import DataConfig, to_dict
 from wmdd.data.imagenet import index_imagenet
-from wmdd.data.lazy import MANIFEST_FILE
 from wmdd.data.prepared import PreparedData, channel_stats, save_prepared
 from wmdd.data.registry import get_dataset
 from wmdd.data.sources import fetch_source
-from wmdd.utils import write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +37,14 @@ def _prepare_lazy(cfg: DataConfig, resolved: DataConfig, out_dir: Path, *, progr
         )
     if cfg.resolution <= 0:
         raise ValueError(f"data.resolution: expected a positive int for {cfg.name}")
-    manifest = LAZY_INDEXERS[cfg.name](Path(resolved.source), out_dir, progress=progress)
-    manifest.update(
-        config=_manifest_config(cfg),
-        resolution=cfg.resolution,
-        skipped={"count": 0, "files": []},  # unreadable images surface when decoded
+    extra = {
+        "config": _manifest_config(cfg),
+        "resolution": cfg.resolution,
+        "skipped": {"count": 0, "files": []},  # unreadable images surface when decoded
+    }
+    return LAZY_INDEXERS[cfg.name](
+        Path(resolved.source), out_dir, progress=progress, extra_manifest=extra
     )
-    write_json(out_dir / MANIFEST_FILE, manifest)
-    return manifest
 
 
 def _manifest_config(cfg: DataConfig) -> dict:

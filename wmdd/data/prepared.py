@@ -13,6 +13,7 @@ distilled sets are stored in that space too.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,24 @@ from wmdd.utils import file_digest, read_json, write_json
 
 DATA_FILE = "data.pt"
 MANIFEST_FILE = "manifest.json"
+
+
+def _stat_tensors(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str
+) -> tuple[Tensor, Tensor]:
+    """Per-channel normalisation constants as (C, 1, 1) float32 tensors on ``device``."""
+    as_tensor = functools.partial(torch.tensor, dtype=torch.float32, device=device)
+    return as_tensor(mean).view(-1, 1, 1), as_tensor(std).view(-1, 1, 1)
+
+
+def normalize_pixels(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 (N, C, H, W) pixels -> float normalised space, ``(x / 255 - mean) / std``.
+
+    The one normalisation of every prepared dataset, cached (:class:`PreparedData`) or lazy
+    (:class:`wmdd.data.lazy.LazySplitSet`).
+    """
+    m, s = _stat_tensors(mean, std, x.device)
+    return (x.float() / 255.0 - m) / s
 
 
 @dataclass
@@ -51,14 +70,11 @@ class PreparedData:
         return int(self.train_x.shape[-1])
 
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=like.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=like.device).view(-1, 1, 1)
-        return mean, std
+        return _stat_tensors(self.mean, self.std, like.device)
 
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 (N, C, H, W) -> float normalised space."""
-        mean, std = self._stats(x)
-        return (x.float() / 255.0 - mean) / std
+        return normalize_pixels(x, self.mean, self.std)
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Normalised space -> [0, 1] pixels (clamped), for previews."""
