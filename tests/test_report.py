@@ -109,6 +109,19 @@ def _stage_tags(profile: str, stage: str, **extra) -> dict[str, str]:
     return {k: str(v) for k, v in tags.items()}
 
 
+def _protocol_tags(stage: str, cell: tuple[str, str, int]) -> dict[str, str]:
+    """The tags of a relabel or evaluate run (a stage of the soft-label protocol)."""
+    profile, method, ipc = cell
+    return _stage_tags(
+        profile,
+        f"{stage}/{profile}/{method}/ipc{ipc}",
+        method=method,
+        ipc=ipc,
+        protocol="soft",
+        protocol_hash=PROTOCOL_HASH[profile],
+    )
+
+
 def _log_run(
     client: MlflowClient,
     exp_id: str,
@@ -189,14 +202,7 @@ def _distill(client: MlflowClient, exp_id: str, tree: Tree, cell: tuple[str, str
 
 def _relabel(client: MlflowClient, exp_id: str, tree: Tree, cell: tuple[str, str, int]) -> None:
     profile, method, ipc = cell
-    tags = _stage_tags(
-        profile,
-        f"relabel/{profile}/{method}/ipc{ipc}",
-        method=method,
-        ipc=ipc,
-        protocol="soft",
-        protocol_hash=PROTOCOL_HASH[profile],
-    )
+    tags = _protocol_tags("relabel", cell)
     metrics = {
         "relabel_seconds": 0.5 * ipc,
         "label_bytes": 49860 * ipc,
@@ -222,14 +228,7 @@ def _evaluate_run(
 ) -> tuple[str, dict]:
     """An evaluate run as ``pipelines.evaluate`` logs it; returns (run id, metrics.json body)."""
     profile, method, ipc = cell
-    tags = _stage_tags(
-        profile,
-        f"evaluate/{profile}/{method}/ipc{ipc}",
-        method=method,
-        ipc=ipc,
-        protocol="soft",
-        protocol_hash=PROTOCOL_HASH[profile],
-    )
+    tags = _protocol_tags("evaluate", cell)
     per_seed = {
         s: {"top1": t, "top5": t + 5.0, "best_top1": t + 1.0, "best_epoch": 240}
         for s, t in zip(EVAL_SEEDS, top1, strict=True)
