@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_prepared
 from torch.testing import assert_close
 
 from baselines import dm as dm_module
@@ -15,27 +16,10 @@ from baselines.dm import (
     make_embedder,
     siamese_dsa,
 )
-from wmdd.data.prepared import PreparedData
 from wmdd.dsa import FAMILIES, DSAConfig
 from wmdd.models import create_model
 
 CPU = torch.device("cpu")
-
-
-def _tiny_data(num_classes: int = 4, per_class: int = 12, res: int = 8) -> PreparedData:
-    g = torch.Generator().manual_seed(0)
-    train_x = torch.randint(0, 256, (num_classes * per_class, 3, res, res), generator=g)
-    train_y = torch.arange(num_classes).repeat(per_class)  # interleaved classes
-    return PreparedData(
-        name="tiny",
-        classes=[f"c{i}" for i in range(num_classes)],
-        mean=(0.5, 0.4, 0.3),
-        std=(0.2, 0.25, 0.3),
-        train_x=train_x.to(torch.uint8),
-        train_y=train_y,
-        val_x=train_x[:4].to(torch.uint8),
-        val_y=train_y[:4],
-    )
 
 
 def _small_config(**overrides) -> DMConfig:
@@ -69,7 +53,7 @@ def test_embedder_depth_by_resolution(resolution: int, depth: int) -> None:
 
 
 def test_fresh_embedder_is_deterministic_and_differs_between_iterations() -> None:
-    data, config = _tiny_data(), _small_config()
+    data, config = tiny_prepared(res=8), _small_config()
     first = make_embedder(data, config, seed=0, iteration=0, device=CPU)
     again = make_embedder(data, config, seed=0, iteration=0, device=CPU)
     second = make_embedder(data, config, seed=0, iteration=1, device=CPU)
@@ -92,7 +76,7 @@ def test_loop_draws_a_new_embedder_every_iteration(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(dm_module, "make_embedder", recording)
     dm(
         teacher=None,
-        data=_tiny_data(),
+        data=tiny_prepared(res=8),
         classes=range(4),
         ipc=2,
         config=_small_config(iterations=2),
@@ -130,7 +114,7 @@ def test_loop_uses_siamese_dsa_once_per_class_and_iteration(
     monkeypatch.setattr(dm_module, "siamese_dsa", recording)
     dm(
         teacher=None,
-        data=_tiny_data(),
+        data=tiny_prepared(res=8),
         classes=range(4),
         ipc=2,
         config=_small_config(iterations=2),
@@ -141,7 +125,7 @@ def test_loop_uses_siamese_dsa_once_per_class_and_iteration(
     calls.clear()
     dm(
         teacher=None,
-        data=_tiny_data(),
+        data=tiny_prepared(res=8),
         classes=range(4),
         ipc=2,
         config=_small_config(iterations=2, dsa=False),
@@ -153,7 +137,7 @@ def test_loop_uses_siamese_dsa_once_per_class_and_iteration(
 
 @pytest.mark.parametrize("classes_per_iteration", [0, 2])
 def test_sharded_classes_equal_full_run(classes_per_iteration: int) -> None:
-    data = _tiny_data()
+    data = tiny_prepared(res=8)
     config = _small_config(iterations=4, classes_per_iteration=classes_per_iteration)
     kwargs = dict(teacher=None, data=data, ipc=2, config=config, seed=5, device=CPU)
     full = dm(classes=range(4), **kwargs)
@@ -164,7 +148,7 @@ def test_sharded_classes_equal_full_run(classes_per_iteration: int) -> None:
 
 
 def test_images_move_from_real_init_and_stay_finite() -> None:
-    data = _tiny_data()
+    data = tiny_prepared(res=8)
     out = dm(
         teacher=None, data=data, classes=range(4), ipc=3, config=_small_config(), seed=1, device=CPU
     )
@@ -180,7 +164,7 @@ def test_images_move_from_real_init_and_stay_finite() -> None:
 
 
 def test_teacher_feature_space_runs_and_needs_a_teacher() -> None:
-    data = _tiny_data()
+    data = tiny_prepared(res=8)
     teacher = create_model("tiny_cnn", num_classes=4, in_chans=3, resolution=8).eval()
     teacher.requires_grad_(False)
     config = _small_config(feature_space="teacher")
@@ -194,7 +178,7 @@ def test_ipc_larger_than_class_is_rejected() -> None:
     with pytest.raises(ValueError, match="IPC 13"):
         dm(
             teacher=None,
-            data=_tiny_data(),
+            data=tiny_prepared(res=8),
             classes=range(4),
             ipc=13,
             config=_small_config(),

@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_prepared
 from torch.testing import assert_close
 
 from baselines.herding import HerdingConfig, herding, herding_select
-from wmdd.data.prepared import PreparedData
 from wmdd.models import create_model
 from wmdd.utils import seeded_init
 
 CPU = torch.device("cpu")
-
-
-def _tiny_data(num_classes: int = 4, per_class: int = 12, res: int = 8) -> PreparedData:
-    g = torch.Generator().manual_seed(0)
-    train_x = torch.randint(0, 256, (num_classes * per_class, 3, res, res), generator=g)
-    train_y = torch.arange(num_classes).repeat(per_class)  # interleaved classes
-    return PreparedData(
-        name="tiny",
-        classes=[f"c{i}" for i in range(num_classes)],
-        mean=(0.5, 0.4, 0.3),
-        std=(0.2, 0.25, 0.3),
-        train_x=train_x.to(torch.uint8),
-        train_y=train_y,
-        val_x=train_x[:4].to(torch.uint8),
-        val_y=train_y[:4],
-    )
 
 
 def _teacher() -> torch.nn.Module:
@@ -38,7 +22,7 @@ def _teacher() -> torch.nn.Module:
 
 @pytest.mark.parametrize("feature_batch_size", [5, 256])
 def test_selects_the_images_herding_picks_on_teacher_features(feature_batch_size: int) -> None:
-    data, teacher, ipc = _tiny_data(), _teacher(), 3
+    data, teacher, ipc = tiny_prepared(res=8), _teacher(), 3
     out = herding(
         teacher=teacher,
         data=data,
@@ -66,7 +50,7 @@ def test_selects_the_images_herding_picks_on_teacher_features(feature_batch_size
 
 
 def test_sharded_classes_equal_full_run() -> None:
-    data, teacher = _tiny_data(), _teacher()
+    data, teacher = tiny_prepared(res=8), _teacher()
     kwargs = dict(teacher=teacher, data=data, ipc=4, config=HerdingConfig(), seed=0, device=CPU)
     full = herding(classes=range(4), **kwargs)
     low, high = herding(classes=range(0, 2), **kwargs), herding(classes=range(2, 4), **kwargs)
@@ -78,7 +62,7 @@ def test_ipc_larger_than_class_is_rejected() -> None:
     with pytest.raises(ValueError, match="IPC 13 is larger than the 12 training images"):
         herding(
             teacher=_teacher(),
-            data=_tiny_data(),
+            data=tiny_prepared(res=8),
             classes=range(4),
             ipc=13,
             config=HerdingConfig(),
@@ -91,7 +75,7 @@ def test_needs_a_teacher() -> None:
     with pytest.raises(ValueError, match="needs a teacher"):
         herding(
             teacher=None,
-            data=_tiny_data(),
+            data=tiny_prepared(res=8),
             classes=range(4),
             ipc=1,
             config=HerdingConfig(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_prepared
 from torch import Tensor, nn
 from torch.testing import assert_close
 
@@ -17,22 +18,6 @@ from wmdd.synthesis import SynthBatch, SynthesisConfig
 from wmdd.utils import seeded_init
 
 CPU = torch.device("cpu")
-
-
-def _tiny_data(num_classes: int = 4, per_class: int = 12, res: int = 8) -> PreparedData:
-    g = torch.Generator().manual_seed(0)
-    train_x = torch.randint(0, 256, (num_classes * per_class, 3, res, res), generator=g)
-    train_y = torch.arange(num_classes).repeat(per_class)  # interleaved classes
-    return PreparedData(
-        name="tiny",
-        classes=[f"c{i}" for i in range(num_classes)],
-        mean=(0.5, 0.4, 0.3),
-        std=(0.2, 0.25, 0.3),
-        train_x=train_x.to(torch.uint8),
-        train_y=train_y,
-        val_x=train_x[:4].to(torch.uint8),
-        val_y=train_y[:4],
-    )
 
 
 def _teacher(data: PreparedData | None = None) -> nn.Module:
@@ -108,7 +93,7 @@ def test_bn_loss_grows_linearly_with_a_scaled_shift_of_the_targets() -> None:
 
 
 def test_first_bn_multiplier_applies_to_the_first_layer_only() -> None:
-    data = _tiny_data()
+    data = tiny_prepared(res=8)
     model, x = _teacher(data), _x()
     inputs = _bn_inputs(model, x)
     first, second = _hand_terms(inputs, model)
@@ -121,7 +106,7 @@ def test_first_bn_multiplier_applies_to_the_first_layer_only() -> None:
 
 
 def test_loss_is_ce_plus_weighted_bn_term() -> None:
-    data = _tiny_data()
+    data = tiny_prepared(res=8)
     model, x = _teacher(data), _x(4)
     batch = SynthBatch(classes=torch.tensor([0, 1, 2, 3]), slots=torch.zeros(4, dtype=torch.long))
     config = SRe2LConfig(r_bn=0.3, first_bn_multiplier=10.0)
@@ -143,7 +128,7 @@ def _config(**synthesis) -> SRe2LConfig:
 def test_end_to_end_batches_hold_one_image_per_class_and_slot(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    data = _tiny_data()
+    data = tiny_prepared(res=8)
     seen: list[list[tuple[int, int]]] = []
     original = sre2l_module.synthesize_dataset
 
@@ -177,7 +162,7 @@ def test_end_to_end_batches_hold_one_image_per_class_and_slot(
 
 
 def test_sharded_class_chunks_equal_full_run() -> None:
-    data = _tiny_data()
+    data = tiny_prepared(res=8)
     kwargs = dict(
         teacher=_teacher(data),
         data=data,
@@ -196,7 +181,7 @@ def test_sharded_class_chunks_equal_full_run() -> None:
 
 
 def test_needs_a_teacher_in_eval_mode() -> None:
-    data = _tiny_data()
+    data = tiny_prepared(res=8)
     with pytest.raises(ValueError, match="eval mode"):
         sre2l(
             teacher=_teacher(data).train(),
