@@ -102,7 +102,15 @@ def test_report_numbers_equal_mlflow(repo: Path) -> None:
             [client.get_experiment_by_name("wmdd-benchmark").experiment_id]
         )
     }
-    assert stages == {"prepare", "teacher", "distill", "relabel", "evaluate", "report"}
+    assert stages == {
+        "prepare",
+        "teacher",
+        "distill",
+        "relabel",
+        "evaluate",
+        "diagnose",
+        "report",
+    }
 
 
 def test_second_repro_does_no_work(repo: Path) -> None:

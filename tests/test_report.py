@@ -89,6 +89,7 @@ class Tree:
     distill: dict[tuple[str, str, int], dict[str, float]] = field(default_factory=dict)
     relabel: dict[tuple[str, str, int], dict[str, float]] = field(default_factory=dict)
     evaluate: dict[tuple[str, str, int], dict[str, float]] = field(default_factory=dict)
+    diagnose: dict[tuple[str, str, int], dict[str, float]] = field(default_factory=dict)
 
 
 def _stage_tags(profile: str, stage: str, **extra) -> dict[str, str]:
@@ -223,6 +224,24 @@ def _relabel(client: MlflowClient, exp_id: str, tree: Tree, cell: tuple[str, str
     tree.relabel[cell] = metrics
 
 
+def _diagnose(client: MlflowClient, exp_id: str, tree: Tree, cell: tuple[str, str, int]) -> None:
+    profile, method, ipc = cell
+    tags = _stage_tags(profile, f"diagnose/{profile}/{method}/ipc{ipc}", method=method, ipc=ipc)
+    mi = METHODS.index(method)
+    metrics = {
+        "teacher_agreement": 100.0 - 7.5 * mi - ipc,  # distinct per cell
+        "teacher_label_prob": 0.9 - 0.1 * mi,
+        "teacher_confidence": 0.95,
+        "pixels_outside": 12.5 if method == "dm" else 0.0,
+        "pixel_min": -3.0 if method == "dm" else 0.0,
+        "pixel_max": 4.0 if method == "dm" else 1.0,
+        "images": float(10 * ipc),
+    }
+    run_id = _log_run(client, exp_id, tags, metrics)
+    write_json(paths.diagnostics_path(*cell), {**metrics, "mlflow_run_id": run_id})
+    tree.diagnose[cell] = metrics
+
+
 def _evaluate_run(
     client: MlflowClient, exp_id: str, cell: tuple[str, str, int], top1: tuple[float, ...]
 ) -> tuple[str, dict]:
@@ -272,6 +291,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Tree:
         for cell in CELLS:
             _distill(client, exp_id, out, cell)
             _relabel(client, exp_id, out, cell)
+            _diagnose(client, exp_id, out, cell)
             _, logged = _evaluate_run(client, exp_id, cell, _top1(*cell))
             write_json(paths.results_path(*cell), logged["body"])
             out.evaluate[cell] = logged["metrics"]
@@ -325,6 +345,7 @@ def test_collect_cells_resolves_exactly_the_runs_the_outputs_name(tree: Tree, co
         assert c.relabel.info.run_id == _named_id(
             tree.root, paths.labels_dir(*cell) / "labels.json"
         )
+        assert c.diagnose.info.run_id == _named_id(tree.root, paths.diagnostics_path(*cell))
         assert [c.evaluate.data.tags["stage"], c.distill.data.tags["stage"]] == [
             "evaluate",
             "distill",
@@ -470,6 +491,15 @@ def test_results_frame_joins_teacher_cost_and_provenance(tree: Tree, collected) 
             assert row.phase_seconds == ""
 
 
+def test_results_frame_joins_the_teachers_verdict_on_each_set(tree: Tree, collected) -> None:
+    _, _, df = collected
+    for cell in CELLS:
+        row, dg = _row(df, *cell), tree.diagnose[cell]
+        assert row.teacher_agreement == pytest.approx(dg["teacher_agreement"])
+        assert row.teacher_label_prob == pytest.approx(dg["teacher_label_prob"])
+        assert row.pixels_outside == pytest.approx(dg["pixels_outside"])
+
+
 def test_relabel_peak_memory_is_reported(collected) -> None:
     _, _, df = collected
     assert (df.peak_mem_mb >= RELABEL_PEAK_MB).all()
@@ -539,6 +569,8 @@ def test_render_markdown_sections_tables_and_published(collected) -> None:
     assert "teacher: top-1 71.2%" in imagenette  # 71.25 rounds half to even
     assert "hash `hash0abcde`" in digits
     assert "| `wmdd` | 1 | +11.0 | 0.009 |" in digits
+    assert "teacher agrees with the set's labels (%)" in digits
+    assert "| 84 | 0.70 | 12.5 |" in digits  # dm, IPC 1: the diagnose run's numbers
     assert "![digits_accuracy](figures/digits_accuracy.png)" in digits
     assert "![" not in imagenette + cifar
     # Published numbers: beside imagenette and cifar10, never beside digits.

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipelines import distill, prepare
+from pipelines import diagnose, distill, prepare
 from wmdd.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,3 +123,12 @@ def test_ipc_larger_than_class(in_tmp: Path) -> None:
     assert not (in_tmp / "distilled" / "digits" / "random" / "ipc1000").exists()
     assert [p for p in (in_tmp / "distilled").rglob("*") if p.is_file()] == []
     assert not list((in_tmp / "distilled").rglob(".ipc1000.tmp-*"))
+
+
+def test_diagnose_without_prepared_data_names_the_manifest(in_tmp: Path) -> None:
+    path = _write_params(in_tmp, lambda p: None)
+    with pytest.raises(FileNotFoundError, match=r"data/digits/manifest\.json not found"):
+        diagnose.main(
+            ["--dataset", "digits", "--method", "dm", "--ipc", "1", "--params", str(path)]
+        )
+    assert not (in_tmp / "results").exists()

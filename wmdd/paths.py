@@ -33,4 +33,8 @@ def results_path(profile: str, method: str, ipc: int) -> Path:
     return Path("results") / profile / method / f"ipc{ipc}" / "metrics.json"
 
 
+def diagnostics_path(profile: str, method: str, ipc: int) -> Path:
+    return Path("results") / profile / method / f"ipc{ipc}" / "diagnostics.json"
+
+
 REPORTS = Path("reports")

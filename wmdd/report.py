@@ -1,8 +1,8 @@
 """The benchmark report, built from what MLflow recorded.
 
 The stages' DVC outputs name the MLflow run that produced them (``mlflow_run_id`` in
-``models/<p>/metrics.json``, ``distilled/.../meta.json``, ``labels/.../labels.json`` and
-``results/.../metrics.json``). The report resolves exactly those runs in the tracking store
+``models/<p>/metrics.json``, ``distilled/.../meta.json``, ``labels/.../labels.json``,
+``results/.../metrics.json`` and ``results/.../diagnostics.json``). The report resolves exactly those runs in the tracking store
 and takes every number from them, so the tables equal what MLflow shows. It writes:
 
 * ``reports/benchmark.md`` — per dataset profile and budget: methods x IPC as
@@ -90,6 +90,9 @@ CSV_COLUMNS = [
     "gain_vs_random",
     "welch_p",
     "teacher_top1",
+    "teacher_agreement",
+    "teacher_label_prob",
+    "pixels_outside",
     "distill_seconds",
     "peak_mem_mb",
     "distill_peak_mem_mb",
@@ -121,6 +124,7 @@ class Cell:
     evaluate: Any  # mlflow Run
     distill: Any
     relabel: Any
+    diagnose: Any
     per_seed_top1: list[float]
 
 
@@ -164,6 +168,7 @@ def collect_cells(
                         ev,
                         _run_of(client, paths.distilled_dir(p, m, k) / "meta.json"),
                         _run_of(client, paths.labels_dir(p, m, k) / "labels.json"),
+                        _run_of(client, paths.diagnostics_path(p, m, k)),
                         [ev.data.metrics[s] for s in seeds],
                     )
                 )
@@ -185,7 +190,7 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
     random_top1 = {(c.profile, c.ipc): c.per_seed_top1 for c in cells if c.method == "random"}
     rows = []
     for c in cells:
-        ev, di, rl = c.evaluate.data, c.distill.data, c.relabel.data
+        ev, di, rl, dg = c.evaluate.data, c.distill.data, c.relabel.data, c.diagnose.data
         ref = random_top1.get((c.profile, c.ipc))
         gain = (ev.metrics["top1_mean"] - sum(ref) / len(ref)) if ref else math.nan
         rows.append(
@@ -206,6 +211,9 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
                 if ref and c.method != "random"
                 else math.nan,
                 "teacher_top1": teachers[c.profile].data.metrics["val_top1"],
+                "teacher_agreement": dg.metrics["teacher_agreement"],
+                "teacher_label_prob": dg.metrics["teacher_label_prob"],
+                "pixels_outside": dg.metrics["pixels_outside"],
                 "distill_seconds": di.metrics["distill_seconds"],
                 "peak_mem_mb": max(
                     di.metrics["peak_mem_mb"],
@@ -284,10 +292,29 @@ def _gain_table(df: pd.DataFrame) -> list[str]:
 
 def _secondary_table(df: pd.DataFrame) -> list[str]:
     rows = [
-        [f"`{r.method}`", str(r.ipc), f"{r.top5_mean:.1f}", f"{r.best_top1_mean:.1f}"]
+        [
+            f"`{r.method}`",
+            str(r.ipc),
+            f"{r.top5_mean:.1f}",
+            f"{r.best_top1_mean:.1f}",
+            f"{r.teacher_agreement:.0f}",
+            f"{r.teacher_label_prob:.2f}",
+            f"{r.pixels_outside:.1f}",
+        ]
         for r in df.itertuples()
     ]
-    return _table(["method", "IPC", "top-5 (final)", "best-epoch top-1 (not the headline)"], rows)
+    return _table(
+        [
+            "method",
+            "IPC",
+            "top-5 (final)",
+            "best-epoch top-1 (not the headline)",
+            "teacher agrees with the set's labels (%)",
+            "teacher prob. of the label",
+            "pixels outside [0, 1] (%)",
+        ],
+        rows,
+    )
 
 
 def _cost_table(df: pd.DataFrame) -> list[str]:
@@ -379,7 +406,13 @@ def render_markdown(
         out += _published_table(first.dataset, list(g.method.unique()), sorted(g.ipc.unique()))
         out += ["", "Gain over the random real subset under the same protocol:", ""]
         out += _gain_table(g)
-        out += ["", "Secondary metrics:", ""] + _secondary_table(g)
+        out += [
+            "",
+            "Secondary metrics. The teacher columns are the teacher's verdict on the set's "
+            "clean images (stage `diagnose`): a set the teacher does not recognise is "
+            "relabelled with other classes, whatever the method optimised.",
+            "",
+        ] + _secondary_table(g)
         out += ["", "Compute cost:", ""] + _cost_table(g)
         for fig in figures.get(profile, []):
             out += ["", f"![{Path(fig).stem}]({fig})"]

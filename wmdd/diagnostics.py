@@ -1,0 +1,81 @@
+"""What the teacher makes of a distilled set, before any student is trained on it.
+
+Every method's set is relabelled by the same teacher, so a set the teacher does not
+recognise gets soft labels that teach the wrong classes, whatever the method optimised.
+These statistics make that visible per cell (the ``diagnose`` stage logs them and the report
+shows them beside the accuracies):
+
+* ``teacher_agreement`` — % of the set's images whose teacher top-1 (clean image, eval
+  mode) is the image's own label;
+* ``teacher_label_prob`` — mean teacher probability of the image's own label;
+* ``teacher_confidence`` — mean teacher probability of its top class;
+* ``pixels_outside`` — % of pixel values outside the valid [0, 1] range once mapped back
+  from the normalised space (methods that optimise pixels without a clamp, such as DM,
+  drift there; the protocol's augmentations never clamp either);
+* ``pixel_min`` / ``pixel_max`` — the extreme pixel values in [0, 1] units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+@torch.no_grad()
+def set_diagnostics(
+    teacher: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """The statistics of the module docstring for one set.
+
+    Args:
+        teacher: The profile's teacher (put in eval mode here).
+        images: (N, C, H, W) float images in the dataset's normalised space.
+        labels: (N,) int64 class labels.
+        mean: Per-channel normalisation mean of [0, 1] pixels.
+        std: Per-channel normalisation std.
+        batch_size: Images per teacher forward pass.
+        device: Where the teacher runs.
+
+    Returns:
+        ``teacher_agreement``, ``teacher_label_prob``, ``teacher_confidence``,
+        ``pixels_outside`` (percentages / probabilities as documented above),
+        ``pixel_min``, ``pixel_max`` and ``images`` (the set size).
+    """
+    if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
+        raise ValueError(
+            f"expected a non-empty set of images (N, C, H, W) with labels (N,), got "
+            f"{tuple(images.shape)} and {tuple(labels.shape)}"
+        )
+    if len(mean) != images.shape[1] or len(std) != images.shape[1]:
+        raise ValueError(
+            f"mean/std have {len(mean)}/{len(std)} channels, the images {images.shape[1]}"
+        )
+    teacher.eval()
+    probs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device, torch.float32)
+        probs.append(teacher(batch).float().softmax(dim=1).cpu())
+    p = torch.cat(probs)
+    labels = labels.long().cpu()
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    pixels = images.float().cpu() * s + m
+    outside = (pixels < 0) | (pixels > 1)
+    return {
+        "teacher_agreement": 100.0 * (p.argmax(dim=1) == labels).float().mean().item(),
+        "teacher_label_prob": p.gather(1, labels[:, None]).mean().item(),
+        "teacher_confidence": p.max(dim=1).values.mean().item(),
+        "pixels_outside": 100.0 * outside.float().mean().item(),
+        "pixel_min": pixels.min().item(),
+        "pixel_max": pixels.max().item(),
+        "images": float(len(images)),
+    }
