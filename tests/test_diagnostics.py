@@ -59,6 +59,18 @@ def test_pixel_range_is_measured_in_pixel_units() -> None:
     assert out["pixel_min"] == pytest.approx(-0.1)
 
 
+def test_rounding_error_of_a_real_image_is_not_outside() -> None:
+    # A real image normalised and mapped back lands on [0, 1] only up to float rounding.
+    mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+    pixels = torch.tensor([0.0, 1.0]).repeat(3, 2, 1).unsqueeze(0)  # (1, 3, 2, 2)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    images = (pixels - m) / s
+    images[0, 0, 0, 0] -= 1e-5  # a value a hair below 0 stays inside
+    images[0, 1, 1, 1] += 3.0 / 255 / s[0, 1, 0, 0]  # 3 grey levels above 1: outside
+    out = set_diagnostics(_PickChannel(), images, torch.tensor([0]), mean=mean, std=std)
+    assert out["pixels_outside"] == pytest.approx(100.0 / images.numel())
+
+
 def test_a_clean_set_has_no_pixels_outside() -> None:
     images = torch.rand(5, 3, 4, 4)  # pixels in [0, 1) with mean 0, std 1
     out = set_diagnostics(

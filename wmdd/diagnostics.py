@@ -10,8 +10,10 @@ shows them beside the accuracies):
 * ``teacher_label_prob`` — mean teacher probability of the image's own label;
 * ``teacher_confidence`` — mean teacher probability of its top class;
 * ``pixels_outside`` — % of pixel values outside the valid [0, 1] range once mapped back
-  from the normalised space (methods that optimise pixels without a clamp, such as DM,
-  drift there; the protocol's augmentations never clamp either);
+  from the normalised space, by more than half a grey level (``PIXEL_TOLERANCE``: a real
+  image or a clamped one maps back to [0, 1] only up to float rounding). Methods that
+  optimise pixels without a clamp, such as DM, drift there; the protocol's augmentations
+  never clamp either;
 * ``pixel_min`` / ``pixel_max`` — the extreme pixel values in [0, 1] units.
 """
 
@@ -21,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+PIXEL_TOLERANCE = 0.5 / 255  # half a grey level of an 8-bit image
 
 
 @torch.no_grad()
@@ -69,7 +73,7 @@ def set_diagnostics(
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     pixels = images.float().cpu() * s + m
-    outside = (pixels < 0) | (pixels > 1)
+    outside = (pixels < -PIXEL_TOLERANCE) | (pixels > 1 + PIXEL_TOLERANCE)
     return {
         "teacher_agreement": 100.0 * (p.argmax(dim=1) == labels).float().mean().item(),
         "teacher_label_prob": p.gather(1, labels[:, None]).mean().item(),
