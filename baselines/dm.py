@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wmdd.data.prepared import PreparedData
+from wmdd.data.prepared import TrainingImages
 from wmdd.dsa import DSAConfig, dsa, dsa_augment
 from wmdd.models import create_model
 from wmdd.synthetic import SyntheticSet
@@ -143,7 +143,7 @@ def embedder_depth(resolution: int, depth: int = 0) -> int:
 
 
 def make_embedder(
-    data: PreparedData, config: DMConfig, *, seed: int, iteration: int, device: torch.device
+    data: TrainingImages, config: DMConfig, *, seed: int, iteration: int, device: torch.device
 ) -> nn.Module:
     """A freshly initialised, frozen ConvNet embedder for one iteration.
 
@@ -185,7 +185,7 @@ def siamese_dsa(
 
 
 def real_init(
-    data: PreparedData, classes: Sequence[int], ipc: int, *, seed: int, device: torch.device
+    data: TrainingImages, classes: Sequence[int], ipc: int, *, seed: int, device: torch.device
 ) -> Tensor:
     """``ipc`` distinct random real images per class (normalised), ordered by (class, slot).
 
@@ -194,21 +194,21 @@ def real_init(
     """
     images = []
     for c in classes:
-        pool = data.train_of_class(c)  # (n_c, C, H, W) uint8
-        pick = torch.randperm(len(pool), generator=generator(seed, "dm_init", c))[:ipc]
-        images.append(data.normalize(pool[pick].to(device)))
+        index = data.train_indices_of_class(c)  # (n_c,) train positions, dataset order
+        pick = torch.randperm(len(index), generator=generator(seed, "dm_init", c))[:ipc]
+        images.append(data.normalize(data.train_images(index[pick]).to(device)))
     return torch.cat(images)
 
 
 class RealSampler:
     """Draws seeded random real batches of one class, keyed by (iteration, class)."""
 
-    def __init__(self, data: PreparedData, classes: Sequence[int], batch: int, seed: int) -> None:
+    def __init__(self, data: TrainingImages, classes: Sequence[int], batch: int, seed: int) -> None:
         self._data = data
         self._seed = seed
         self._batch = batch
-        # Dataset-order train indices of each class, computed once (train_of_class order).
-        self._index = {c: torch.nonzero(data.train_y == c).flatten() for c in classes}
+        # Dataset-order train positions of each class, computed once.
+        self._index = {c: data.train_indices_of_class(c) for c in classes}
 
     def batch_size(self, c: int) -> int:
         return min(self._batch, len(self._index[c]))
@@ -218,7 +218,7 @@ class RealSampler:
         index = self._index[c]
         g = generator(self._seed, "dm_real", iteration, c)
         pick = torch.randperm(len(index), generator=g)[: self._batch]
-        return self._data.normalize(self._data.train_x[index[pick]].to(device))
+        return self._data.normalize(self._data.train_images(index[pick]).to(device))
 
 
 def active_classes(num_classes: int, per_iteration: int, *, seed: int, iteration: int) -> set[int]:
@@ -290,7 +290,7 @@ def dm_iteration(
 
 def _embed_fn(
     teacher: nn.Module | None,
-    data: PreparedData,
+    data: TrainingImages,
     config: DMConfig,
     *,
     seed: int,
@@ -309,7 +309,7 @@ def _embed_fn(
 def dm(
     *,
     teacher: nn.Module | None,
-    data: PreparedData,
+    data: TrainingImages,
     classes: Sequence[int],
     ipc: int,
     config: DMConfig,

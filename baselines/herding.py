@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from wmdd.data.prepared import PreparedData
+from wmdd.data.prepared import TrainingImages
 from wmdd.features import extract_features
 from wmdd.synthetic import SyntheticSet
 
@@ -91,7 +91,7 @@ def _first_argmin(values: Tensor) -> int:
 def herding(
     *,
     teacher: nn.Module | None,
-    data: PreparedData,
+    data: TrainingImages,
     classes: Sequence[int],
     ipc: int,
     config: HerdingConfig,
@@ -115,7 +115,7 @@ def herding(
 
     Returns:
         Images (len(classes) * ipc, C, H, W) in normalised space, ordered by (class, herding
-        order), with ``aux["train_indices"]`` (indices into ``data.train_x``) and
+        order), with ``aux["train_indices"]`` (train-split positions) and
         ``aux["timings"]``.
     """
     del seed, progress
@@ -125,7 +125,8 @@ def herding(
     start = time.perf_counter()
     images, labels, indices = [], [], []
     for c in classes:
-        pool = data.train_of_class(c)  # (n_c, C, H, W) uint8, dataset order
+        index = data.train_indices_of_class(c)  # (n_c,) train positions, dataset order
+        pool = data.train_images(index)  # (n_c, C, H, W) uint8
         phi = extract_features(
             teacher,
             pool,
@@ -136,7 +137,7 @@ def herding(
         pick = herding_select(phi, ipc)  # (ipc,) indices within the class
         images.append(data.normalize(pool[pick]))
         labels.append(torch.full((ipc,), c, dtype=torch.long))
-        indices.append(torch.nonzero(data.train_y == c).flatten()[pick])
+        indices.append(index[pick])
     aux = {
         "train_indices": torch.cat(indices),
         "timings": {"select": time.perf_counter() - start},

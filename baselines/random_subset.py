@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wmdd.data.prepared import PreparedData
+from wmdd.data.prepared import TrainingImages
 from wmdd.synthetic import SyntheticSet
 from wmdd.utils import generator
 
@@ -26,7 +26,7 @@ class RandomConfig:
 def random_subset(
     *,
     teacher: nn.Module | None,
-    data: PreparedData,
+    data: TrainingImages,
     classes: Sequence[int],
     ipc: int,
     config: RandomConfig,
@@ -43,8 +43,8 @@ def random_subset(
     data.check_ipc(classes, ipc)
     images, labels = [], []
     for c in classes:
-        pool = data.train_of_class(c)  # (n_c, C, R, R) uint8
-        pick = torch.randperm(len(pool), generator=generator(seed, config.draw, c))[:ipc]
-        images.append(data.normalize(pool[pick]))
+        index = data.train_indices_of_class(c)  # (n_c,) train positions, dataset order
+        pick = torch.randperm(len(index), generator=generator(seed, config.draw, c))[:ipc]
+        images.append(data.normalize(data.train_images(index[pick])))
         labels.append(torch.full((ipc,), c, dtype=torch.long))
     return SyntheticSet(torch.cat(images), torch.cat(labels))

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wmdd.bn_stats import BNInputRecorder, BNStats, batch_channel_stats, global_bn_stats
-from wmdd.data.prepared import PreparedData
+from wmdd.data.prepared import TrainingImages
 from wmdd.synthesis import (
     SynthBatch,
     SynthesisConfig,
@@ -157,7 +157,7 @@ def sre2l_loss(
 def sre2l(
     *,
     teacher: nn.Module | None,
-    data: PreparedData,
+    data: TrainingImages,
     classes: Sequence[int],
     ipc: int,
     config: SRe2LConfig,

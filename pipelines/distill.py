@@ -19,7 +19,7 @@ from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from pipelines.registry import get_method, method_config
 from wmdd import paths
 from wmdd.config import flatten, to_dict
-from wmdd.data import load_prepared
+from wmdd.data import load_data
 from wmdd.synthetic import AUX_FILE, META_FILE, PREVIEW_FILE, SET_FILE, preview_grid
 from wmdd.teacher import load_teacher
 from wmdd.tracking import stage_run
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = get_method(args.method)
     config = method_config(params, args.method, args.dataset)
     device = resolve_device(params.benchmark.device)
-    data = load_prepared(paths.data_dir(args.dataset))
+    data = load_data(paths.data_dir(args.dataset), profile.data)
     classes = parse_classes(args.classes, data.num_classes)
     teacher_file = paths.teacher_path(args.dataset)
     teacher = load_teacher(teacher_file, device=device) if spec.needs_teacher else None

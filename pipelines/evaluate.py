@@ -15,8 +15,8 @@ import time
 from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from wmdd import paths
 from wmdd.config import flatten
-from wmdd.data import load_prepared
-from wmdd.evaluation import evaluate_seed, summarise
+from wmdd.data import load_data
+from wmdd.evaluation import evaluate_seed, split_validator, summarise
 from wmdd.protocol import protocol_hash
 from wmdd.synthetic import SET_FILE, SyntheticSet
 from wmdd.teacher import load_teacher
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     set_dir = paths.distilled_dir(args.dataset, args.method, args.ipc)
     labels_dir = paths.labels_dir(args.dataset, args.method, args.ipc)
     teacher_file = paths.teacher_path(args.dataset)
-    data = load_prepared(data_dir)
+    data = load_data(data_dir, profile.data)
     synthetic = SyntheticSet.load(set_dir / SET_FILE)
     protocol = profile.protocol
     phash = protocol_hash(protocol, eval_seeds=bench.eval_seeds, base_seed=bench.seed)
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     ) as mlflow:
         start = time.perf_counter()
         teacher = load_teacher(teacher_file, device=device) if protocol.kind == "soft" else None
+        validate = split_validator(data, device=device)  # one loader for every seed
         per_seed: dict[int, dict] = {}
         for s in bench.eval_seeds:
             result = evaluate_seed(
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                 base_seed=bench.seed,
                 device=device,
                 progress=not args.no_progress,
+                validate=validate,
             )
             per_seed[s] = result
             for h in result["history"]:

@@ -10,28 +10,20 @@ and ``models/<profile>/metrics.json`` (validation top-1/top-5, wall time).
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from wmdd import paths
 from wmdd.config import flatten
-from wmdd.data import load_prepared
-from wmdd.data.lazy import LazySplitSet, load_lazy, make_loader
-from wmdd.data.prepared import PreparedData
-from wmdd.teacher import (
-    evaluate,
-    evaluate_loader,
-    pretrained_teacher,
-    save_teacher,
-    train_teacher,
-)
+from wmdd.data import load_data
+from wmdd.data.prepared import PreparedData, is_lazy
+from wmdd.evaluation import split_validator
+from wmdd.teacher import pretrained_teacher, save_teacher, train_teacher
 from wmdd.tracking import stage_run
 from wmdd.utils import (
     atomic_file,
     derive_seed,
     peak_memory_mb,
-    read_json,
     resolve_device,
     write_json,
 )
@@ -43,18 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     profile = params.profile(args.dataset)
     device = resolve_device(params.benchmark.device)
     data_dir = paths.data_dir(args.dataset)
-    lazy = bool(read_json(data_dir / "manifest.json").get("lazy"))
-    if lazy and not profile.teacher.pretrained:
+    if is_lazy(data_dir) and not profile.teacher.pretrained:
         raise ValueError(
             f"datasets.{args.dataset}.teacher.pretrained: {profile.data.name} is prepared lazily "
             "and its teacher is loaded, not trained here; set e.g. "
             "'torchvision:resnet18.IMAGENET1K_V1'"
         )
-    data = (
-        load_lazy(data_dir, resolution=profile.data.resolution, source=profile.data.source)
-        if lazy
-        else load_prepared(data_dir)
-    )
+    data = load_data(data_dir, profile.data)
     seed = derive_seed(params.benchmark.seed, args.dataset, "teacher")
     with stage_run(
         experiment=params.benchmark.experiment,
@@ -94,19 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                 on_epoch=log_epoch,
             )
         seconds = time.perf_counter() - start
-        if isinstance(data, LazySplitSet):
-            workers = min(8, os.cpu_count() or 1)
-            loader = make_loader(data.val, 256, workers=workers, device=device)
-            acc = evaluate_loader(model, loader, device=device, normalize=data.normalize)
-        else:
-            acc = evaluate(
-                model,
-                data.val_x,
-                data.val_y,
-                batch_size=256,
-                device=device,
-                normalize=data.normalize,
-            )
+        acc = split_validator(data, device=device)(model, 256)
         metrics = {
             "val_top1": acc.top1,
             "val_top5": acc.top5,

@@ -371,6 +371,7 @@ def test_flatten() -> None:
         "data.val_fraction": 0.2,
         "data.split_seed": 0,
         "data.skip_corrupt": False,
+        "data.workers": 0,
         "data.sha256": "",
         "data.archive": "",
         "data.url": "",

@@ -11,6 +11,7 @@ from helpers import tiny_prepared, torch_threads
 from torch.testing import assert_close
 
 from wmdd.config import HardProtocolConfig, ModelConfig, ProtocolConfig, SoftProtocolConfig
+from wmdd.evaluation import split_validator
 from wmdd.hardlabel import train_student_hard
 from wmdd.models import create_model
 from wmdd.protocol import (
@@ -235,11 +236,9 @@ def _train_soft(teacher, mode: str, *, seed: int = 11, label_dtype: str = "float
         student=student,
         labels=labels,
         images=images,
-        val_x=data.val_x,
-        val_y=data.val_y,
+        validate=split_validator(data, device=CPU),
         cfg=cfg,
         device=CPU,
-        normalize=data.normalize,
         progress=False,
     )
     return student, result
@@ -310,12 +309,10 @@ def test_train_student_hard_runs() -> None:
             student=student,
             images=images,
             labels=data.train_y,
-            val_x=data.val_x,
-            val_y=data.val_y,
+            validate=split_validator(data, device=CPU),
             cfg=cfg,
             seed=4,
             device=CPU,
-            normalize=data.normalize,
             progress=False,
         )
         assert not torch.equal(before, student.classifier.weight)

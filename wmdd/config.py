@@ -203,6 +203,7 @@ class DataConfig:
     val_fraction: float = 0.2  # for sources without a validation split (digits)
     split_seed: int = 0  # seed of the stratified train/val split when one is made
     skip_corrupt: bool = False  # skip unreadable images (counted) instead of failing
+    workers: int = 0  # lazy datasets: decoding threads / loader processes (0 = min(8, cores))
     sha256: str = ""  # expected SHA-256 of an archive source ("" = not checked / known one)
     archive: str = ""  # source: download: which official archive ("" = dataset default)
     url: str = ""  # source: download: a mirror URL replacing the official one

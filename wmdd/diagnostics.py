@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from wmdd.data.prepared import denormalize_pixels
+
 PIXEL_TOLERANCE = 0.5 / 255  # half a grey level of an 8-bit image
 
 
@@ -70,9 +72,7 @@ def set_diagnostics(
         probs.append(teacher(batch).float().softmax(dim=1).cpu())
     p = torch.cat(probs)
     labels = labels.long().cpu()
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    pixels = images.float().cpu() * s + m
+    pixels = denormalize_pixels(images.float().cpu(), mean, std)
     outside = (pixels < -PIXEL_TOLERANCE) | (pixels > 1 + PIXEL_TOLERANCE)
     return {
         "teacher_agreement": 100.0 * (p.argmax(dim=1) == labels).float().mean().item(),

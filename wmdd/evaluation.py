@@ -9,13 +9,16 @@ validated on the full validation split.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from wmdd.config import ProtocolConfig
+from wmdd.data.lazy import LazySplitSet, make_loader
 from wmdd.data.prepared import PreparedData
 from wmdd.hardlabel import train_student_hard
 from wmdd.protocol import (
@@ -27,6 +30,38 @@ from wmdd.protocol import (
     train_student_soft,
 )
 from wmdd.synthetic import SyntheticSet
+from wmdd.teacher import Accuracy, evaluate, evaluate_loader
+
+Validate = Callable[[nn.Module, int], Accuracy]  # (model, batch size) -> accuracy on val
+
+
+def split_validator(data: PreparedData | LazySplitSet, *, device: torch.device) -> Validate:
+    """``validate(model, batch_size)``: top-1/top-5 of a model on the whole validation split.
+
+    Cached datasets slice their val tensors; lazy ones (ImageNet-1K) stream the split through
+    a DataLoader of ``data.workers`` decoding processes (pinned memory on a GPU), kept alive
+    between calls, one loader per batch size. Unreadable validation images are dropped
+    (and logged) only when the profile sets ``data.skip_corrupt``.
+    """
+    if isinstance(data, PreparedData):
+        return lambda model, batch_size: evaluate(
+            model,
+            data.val_x,
+            data.val_y,
+            batch_size=batch_size,
+            device=device,
+            normalize=data.normalize,
+        )
+    loaders: dict[int, DataLoader] = {}
+
+    def validate(model: nn.Module, batch_size: int) -> Accuracy:
+        if batch_size not in loaders:
+            loaders[batch_size] = make_loader(
+                data.val, batch_size, workers=data.workers, device=device
+            )
+        return evaluate_loader(model, loaders[batch_size], device=device, normalize=data.normalize)
+
+    return validate
 
 
 def stored_labels_path(labels_dir: Path, eval_seed: int) -> Path:
@@ -37,7 +72,7 @@ def evaluate_seed(
     protocol: ProtocolConfig,
     *,
     eval_seed: int,
-    data: PreparedData,
+    data: PreparedData | LazySplitSet,
     synthetic: SyntheticSet,
     teacher: nn.Module | None,
     labels_dir: Path,
@@ -46,8 +81,13 @@ def evaluate_seed(
     base_seed: int,
     device: torch.device,
     progress: bool = True,
+    validate: Validate | None = None,
 ) -> dict:
-    """Trains and validates one student; returns ``train_student_*``'s result dict."""
+    """Trains and validates one student; returns ``train_student_*``'s result dict.
+
+    ``validate`` (default: ``split_validator(data)``) may be passed to share one validation
+    loader between seeds.
+    """
     spec = protocol.selected()
     student = build_student(
         spec.student,
@@ -59,10 +99,8 @@ def evaluate_seed(
     view_seed = relabel_seed(base_seed, profile, ipc, eval_seed)
     images = synthetic.images.to(device)
     common: dict[str, Any] = dict(
-        val_x=data.val_x,
-        val_y=data.val_y,
+        validate=split_validator(data, device=device) if validate is None else validate,
         device=device,
-        normalize=data.normalize,
         progress=progress,
     )
     if protocol.kind == "hard":

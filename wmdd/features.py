@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wmdd.data.prepared import PreparedData
+from wmdd.data.prepared import TrainingImages
 
 __all__ = ["class_features", "extract_features"]
 
@@ -72,7 +72,7 @@ def extract_features(
 
 def class_features(
     model: nn.Module,
-    data: PreparedData,
+    data: TrainingImages,
     classes: Sequence[int],
     *,
     batch_size: int,

@@ -9,6 +9,8 @@ DM back to its published numbers; the soft-label protocol is the suite's headlin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,7 +18,7 @@ from tqdm import tqdm
 
 from wmdd.config import HardProtocolConfig
 from wmdd.dsa import DSAConfig, dsa
-from wmdd.teacher import evaluate
+from wmdd.teacher import Accuracy
 from wmdd.utils import generator
 
 
@@ -25,16 +27,15 @@ def train_student_hard(
     student: nn.Module,
     images: Tensor,
     labels: Tensor,
-    val_x: Tensor,
-    val_y: Tensor,
+    validate: Callable[[nn.Module, int], Accuracy],
     cfg: HardProtocolConfig,
     seed: int,
     device: torch.device,
-    normalize=None,
     progress: bool = True,
 ) -> dict:
     """Trains ``student`` on ``(images, labels)`` with cross-entropy; same result dict as
-    :func:`wmdd.protocol.train_student_soft` (``best_*`` from the final evaluation only)."""
+    :func:`wmdd.protocol.train_student_soft` (``best_*`` from the final evaluation only;
+    ``validate`` as there)."""
     student.to(device).train()
     opt = torch.optim.SGD(
         student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -59,9 +60,7 @@ def train_student_hard(
             opt.step()
             total += loss.item() * len(idx)
         sched.step()
-    acc = evaluate(
-        student, val_x, val_y, batch_size=cfg.eval_batch_size, device=device, normalize=normalize
-    )
+    acc = validate(student, cfg.eval_batch_size)
     history = [
         {"epoch": cfg.epochs, "loss": total / len(images), "top1": acc.top1, "top5": acc.top5}
     ]

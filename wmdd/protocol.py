@@ -27,7 +27,7 @@ seeds do not depend on the method, so every method sees the same random views
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -48,7 +48,7 @@ from wmdd.augment import (
 )
 from wmdd.config import ModelConfig, SoftProtocolConfig
 from wmdd.models import create_model
-from wmdd.teacher import evaluate
+from wmdd.teacher import Accuracy
 from wmdd.utils import derive_seed, generator, seeded_init
 
 
@@ -272,18 +272,17 @@ def train_student_soft(
     student: nn.Module,
     labels: StoredLabels | OnlineLabels,
     images: Tensor,
-    val_x: Tensor,
-    val_y: Tensor,
+    validate: Callable[[nn.Module, int], Accuracy],
     cfg: SoftProtocolConfig,
     device: torch.device,
-    normalize=None,
     progress: bool = True,
 ) -> dict:
     """Trains ``student`` on relabelled views of ``images``; validates on the full split.
 
     Args:
         images: (N, C, R, R) synthetic set in normalised space, on ``device``.
-        val_x, val_y: the full validation split (uint8 + ``normalize``, or normalised).
+        validate: ``validate(model, batch_size)`` scores a model on the full validation
+            split (:func:`wmdd.evaluation.split_validator`: cached tensors or a lazy loader).
 
     Returns:
         ``{"top1", "top5", "best_top1", "best_epoch", "history": [{epoch, loss, top1, top5}]}``.
@@ -308,14 +307,7 @@ def train_student_soft(
             total, count = total + loss.item() * len(views), count + len(views)
         sched.step()
         if (e + 1) % cfg.eval_interval == 0 or e + 1 == cfg.epochs:
-            acc = evaluate(
-                student,
-                val_x,
-                val_y,
-                batch_size=cfg.eval_batch_size,
-                device=device,
-                normalize=normalize,
-            )
+            acc = validate(student, cfg.eval_batch_size)
             history.append(
                 {"epoch": e + 1, "loss": total / count, "top1": acc.top1, "top5": acc.top5}
             )

@@ -58,7 +58,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from wmdd.augment import random_roll, resized_crops, sample_crop_boxes, sample_flips
-from wmdd.data.prepared import PreparedData
+from wmdd.data.prepared import TrainingImages
 from wmdd.synthetic import jpeg_roundtrip
 from wmdd.utils import generator
 
@@ -267,27 +267,28 @@ def slot_batches(
     ]
 
 
-def real_image_init(data: PreparedData, seed: int) -> Callable[[int, int], Tensor]:
+def real_image_init(data: TrainingImages, seed: int) -> Callable[[int, int], Tensor]:
     """``real_init`` for :func:`synthesize`: slot m of class c starts as a real image.
 
     The image is entry m of a permutation of the class's training images drawn from
     ``generator(seed, "real_init", c)`` (so slots are distinct and shard-independent), in
     normalised space, shape (C, H, W). Check ``ipc`` with ``data.check_ipc`` first.
     """
-    cache: dict[int, tuple[Tensor, Tensor]] = {}
+    cache: dict[int, Tensor] = {}
 
     def init(c: int, slot: int) -> Tensor:
         if c not in cache:
-            pool = data.train_of_class(c)  # (n_c, C, R, R) uint8
+            index = data.train_indices_of_class(c)  # (n_c,) train positions, dataset order
             cache.clear()  # classes are visited in order: keep one
-            cache[c] = (pool, torch.randperm(len(pool), generator=generator(seed, "real_init", c)))
-        pool, perm = cache[c]
-        return data.normalize(pool[perm[slot]].unsqueeze(0))[0]  # (C, H, W)
+            cache[c] = index[torch.randperm(len(index), generator=generator(seed, "real_init", c))]
+        return data.normalize(data.train_images(cache[c][slot : slot + 1]))[0]  # (C, H, W)
 
     return init
 
 
-def pixel_maps(data: PreparedData) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+def pixel_maps(
+    data: TrainingImages,
+) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """(to_pixels, from_pixels): normalised space <-> [0, 1] pixels of ``data``."""
     return data.denormalize, lambda p: data.normalize(p * 255.0)
 
@@ -468,7 +469,7 @@ def synthesize(
 
 
 def synthesize_dataset(
-    data: PreparedData,
+    data: TrainingImages,
     *,
     batches: Sequence[SynthBatch],
     loss_fn: LossFn,

@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 
 from wmdd.barycenter import class_barycenters, stack_supports
 from wmdd.bn_stats import BNInputRecorder, BNStats, global_bn_stats, per_class_bn_stats
-from wmdd.data.prepared import PreparedData
+from wmdd.data.prepared import TrainingImages
 from wmdd.features import class_features
 from wmdd.synthesis import (
     SynthBatch,
@@ -264,7 +264,7 @@ def teacher_forward(
 
 def class_bn_targets(
     teacher: nn.Module,
-    data: PreparedData,
+    data: TrainingImages,
     classes: Sequence[int],
     *,
     batch_size: int,
@@ -325,7 +325,7 @@ def _bn_state(stats: BNStats) -> dict[str, Any]:
 
 def _feature_targets(
     teacher: nn.Module,
-    data: PreparedData,
+    data: TrainingImages,
     classes: range,
     ipc: int,
     *,
@@ -364,7 +364,7 @@ def _feature_targets(
 
 def _bn_targets(
     teacher: nn.Module,
-    data: PreparedData,
+    data: TrainingImages,
     classes: range,
     *,
     config: WMDDConfig,
@@ -389,7 +389,7 @@ def _bn_targets(
 
 
 def _check_inputs(
-    teacher: nn.Module, data: PreparedData, classes: Sequence[int], ipc: int, config: WMDDConfig
+    teacher: nn.Module, data: TrainingImages, classes: Sequence[int], ipc: int, config: WMDDConfig
 ) -> None:
     """Raise ValueError on a teacher in training mode or too few images for real init."""
     if teacher.training:
@@ -403,7 +403,7 @@ def _check_inputs(
 def wmdd_distill(
     *,
     teacher: nn.Module,
-    data: PreparedData,
+    data: TrainingImages,
     classes: Sequence[int],
     ipc: int,
     config: WMDDConfig,

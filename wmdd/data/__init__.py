@@ -12,7 +12,16 @@ from wmdd.data import (  # noqa: F401  (registration side effects)
     imagenette,
     tiny_imagenet,
 )
-from wmdd.data.prepared import PreparedData, load_prepared
+from wmdd.data.lazy import LazySplitSet, load_data
+from wmdd.data.prepared import PreparedData, TrainingImages, load_prepared
 from wmdd.data.registry import get_dataset, list_datasets
 
-__all__ = ["PreparedData", "get_dataset", "list_datasets", "load_prepared"]
+__all__ = [
+    "LazySplitSet",
+    "PreparedData",
+    "TrainingImages",
+    "get_dataset",
+    "list_datasets",
+    "load_data",
+    "load_prepared",
+]

@@ -52,8 +52,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from wmdd.config import DataConfig
 from wmdd.data.folder import load_image
-from wmdd.data.prepared import normalize_pixels
+from wmdd.data.prepared import PreparedData, TrainingImages, is_lazy, load_prepared
 from wmdd.utils import file_digest, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,9 @@ class LazyImages(Dataset[Sample | None]):
             return torch.from_numpy(self.decode(i)), int(self.labels[i])
         except CorruptImageError as err:
             if not self.skip_corrupt:
-                raise
+                raise CorruptImageError(
+                    f"{err} (set data.skip_corrupt: true to skip unreadable images)"
+                ) from None
             log.warning("skipping unreadable image: %s", err)
             return None
 
@@ -266,10 +269,7 @@ class LazyImages(Dataset[Sample | None]):
             # load_image opens whatever Image.open accepts; a file object avoids a copy on disk.
             return load_image(io.BytesIO(data), self.resolution)  # type: ignore[arg-type]
         except Exception as err:  # Pillow raises many types for bad data
-            raise CorruptImageError(
-                f"cannot read image {self.describe(i)}: {err} (set data.skip_corrupt: true "
-                f"to skip unreadable images)"
-            ) from None
+            raise CorruptImageError(f"cannot read image {self.describe(i)}: {err}") from None
 
     def indices_of_class(self, c: int) -> Tensor:
         """Positions of the images of class ``c``, in dataset order: (n_c,) int64."""
@@ -295,8 +295,15 @@ class LazyImages(Dataset[Sample | None]):
 
 
 @dataclass
-class LazySplitSet:
-    """A lazy prepared dataset: its class index, normalisation and one dataset per split."""
+class LazySplitSet(TrainingImages):
+    """A lazy prepared dataset: its class index, normalisation and one dataset per split.
+
+    Implements :class:`wmdd.data.prepared.TrainingImages`, so every method runs on it:
+    training images are decoded on demand, one class (or one sampled batch) at a time, by
+    ``workers`` threads. Methods address training images by position, so a training image
+    they ask for must decode even with ``skip_corrupt`` (that flag drops unreadable images
+    from validation loaders only); the error names the archive member or file.
+    """
 
     name: str  # registry name
     classes: list[str]  # class names, index = label
@@ -305,10 +312,7 @@ class LazySplitSet:
     train: LazyImages
     val: LazyImages
     manifest: dict[str, Any]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    workers: int = 4  # decoding threads (train_images) and loader processes (validation)
 
     @property
     def resolution(self) -> int:
@@ -318,14 +322,29 @@ class LazySplitSet:
     def channels(self) -> int:
         return 3  # decoded as RGB
 
-    def normalize(self, x: Tensor) -> Tensor:
-        """uint8 (N, C, H, W) -> float normalised space (as PreparedData.normalize)."""
-        return normalize_pixels(x, self.mean, self.std)
-
     def split(self, name: str) -> LazyImages:
         if name not in SPLITS:
             raise ValueError(f"split {name!r}: expected one of {list(SPLITS)}")
         return self.train if name == "train" else self.val
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        return self.split(split).class_counts()
+
+    def train_indices_of_class(self, c: int) -> Tensor:
+        return self.train.indices_of_class(c)
+
+    def train_images(self, indices: Tensor) -> Tensor:
+        """Decodes the training images at ``indices``: uint8 (n, 3, R, R), in that order.
+
+        Raises:
+            CorruptImageError: an image does not decode (named), whatever ``skip_corrupt``.
+        """
+        positions = torch.as_tensor(indices, dtype=torch.long).tolist()
+        if not positions:
+            return torch.empty(0, 3, self.resolution, self.resolution, dtype=torch.uint8)
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            arrays = list(pool.map(self.train.decode, positions))
+        return torch.from_numpy(np.stack(arrays))
 
 
 def _check_archives(root: Path, archives: dict[str, int], manifest_path: Path) -> list[Path]:
@@ -354,6 +373,7 @@ def load_lazy(
     source: str | Path | None = None,
     skip_corrupt: bool = False,
     verify: bool = False,
+    workers: int = 0,
 ) -> LazySplitSet:
     """Opens a lazy prepared dataset (nothing is decoded until an image is asked for).
 
@@ -363,6 +383,7 @@ def load_lazy(
         source: The source directory, when it is no longer where it was indexed.
         skip_corrupt: Yield ``None`` for unreadable images instead of raising.
         verify: Also check ``index.pt`` against the manifest's SHA-256.
+        workers: Decoding threads / loader processes; 0 = :func:`default_workers`.
 
     Raises:
         FileNotFoundError: a file of the index or an archive is missing.
@@ -410,7 +431,28 @@ def load_lazy(
         train=split("train"),
         val=split("val"),
         manifest=manifest,
+        workers=workers if workers > 0 else default_workers(),
     )
+
+
+def load_data(data_dir: str | Path, cfg: DataConfig) -> PreparedData | LazySplitSet:
+    """Opens the prepared dataset in ``data_dir``, cached tensors or a lazy index, as the
+    stages after ``prepare`` read it (``cfg`` is the profile's ``data`` section: resolution,
+    source directory, ``skip_corrupt`` and ``workers`` of a lazy dataset)."""
+    if not is_lazy(data_dir):
+        return load_prepared(data_dir)
+    return load_lazy(
+        data_dir,
+        resolution=cfg.resolution,
+        source=cfg.source or None,
+        skip_corrupt=cfg.skip_corrupt,
+        workers=cfg.workers,
+    )
+
+
+def default_workers() -> int:
+    """Decoding workers when none are configured: the CPU cores, at most 8."""
+    return min(8, os.cpu_count() or 1)
 
 
 def collate_images(batch: list[Sample | None], *, resolution: int) -> tuple[Tensor, Tensor]:

@@ -49,8 +49,10 @@ def _prepare_lazy(cfg: DataConfig, resolved: DataConfig, out_dir: Path, *, progr
 
 def _manifest_config(cfg: DataConfig) -> dict:
     """The data config for the manifest; the download keys only for a downloaded source
-    (a local copy's manifest, and so its DVC hash, does not change with them)."""
+    (a local copy's manifest, and so its DVC hash, does not change with them), and never
+    ``workers`` (how many processes decode changes no image)."""
     config = to_dict(cfg)
+    config.pop("workers")
     if cfg.source != "download":
         for key in _DOWNLOAD_KEYS:
             config.pop(key)

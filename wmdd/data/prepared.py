@@ -13,7 +13,9 @@ distilled sets are stored in that space too.
 
 from __future__ import annotations
 
+import abc
 import functools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,26 +28,102 @@ DATA_FILE = "data.pt"
 MANIFEST_FILE = "manifest.json"
 
 
-def _stat_tensors(
-    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str
+def stat_tensors(
+    mean: Sequence[float], std: Sequence[float], device: torch.device | str
 ) -> tuple[Tensor, Tensor]:
     """Per-channel normalisation constants as (C, 1, 1) float32 tensors on ``device``."""
     as_tensor = functools.partial(torch.tensor, dtype=torch.float32, device=device)
-    return as_tensor(mean).view(-1, 1, 1), as_tensor(std).view(-1, 1, 1)
+    return as_tensor(list(mean)).view(-1, 1, 1), as_tensor(list(std)).view(-1, 1, 1)
 
 
-def normalize_pixels(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+def normalize_pixels(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 (N, C, H, W) pixels -> float normalised space, ``(x / 255 - mean) / std``.
 
     The one normalisation of every prepared dataset, cached (:class:`PreparedData`) or lazy
     (:class:`wmdd.data.lazy.LazySplitSet`).
     """
-    m, s = _stat_tensors(mean, std, x.device)
+    m, s = stat_tensors(mean, std, x.device)
     return (x.float() / 255.0 - m) / s
 
 
+def denormalize_pixels(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Normalised space -> [0, 1] pixel units, ``x * std + mean``, *not* clamped (values
+    outside [0, 1] are what :mod:`wmdd.diagnostics` measures)."""
+    m, s = stat_tensors(mean, std, x.device)
+    return x * s + m
+
+
+class TrainingImages(abc.ABC):
+    """What methods and stages read from a prepared dataset, cached or lazy.
+
+    :class:`PreparedData` (tensors in memory) and :class:`wmdd.data.lazy.LazySplitSet`
+    (ImageNet-1K: decoded on demand) implement the four abstract members; everything else
+    (normalisation, pixel bounds, the IPC check) is shared, so a method written against this
+    interface runs on either. Training images are addressed by their position in the
+    dataset's train split (dataset order), as ``aux["train_indices"]`` records them.
+    """
+
+    name: str  # registry name
+    classes: list[str]  # class names, index = label
+    mean: tuple[float, ...]  # per-channel normalisation mean (of [0, 1] pixels)
+    std: tuple[float, ...]  # per-channel normalisation std
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    @abc.abstractmethod
+    def channels(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def resolution(self) -> int: ...
+
+    @abc.abstractmethod
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Images per class in ``split`` (``"train"`` or ``"val"``)."""
+
+    @abc.abstractmethod
+    def train_indices_of_class(self, c: int) -> Tensor:
+        """Train-split positions of the images of class ``c``, in dataset order: (n_c,)."""
+
+    @abc.abstractmethod
+    def train_images(self, indices: Tensor) -> Tensor:
+        """uint8 training images at ``indices`` (train-split positions), in that order."""
+
+    def train_of_class(self, c: int) -> Tensor:
+        """uint8 training images of class ``c``, in dataset order: (n_c, C, R, R)."""
+        return self.train_images(self.train_indices_of_class(c))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """uint8 (N, C, H, W) -> float normalised space."""
+        return normalize_pixels(x, self.mean, self.std)
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Normalised space -> [0, 1] pixels (clamped), for previews."""
+        return denormalize_pixels(x, self.mean, self.std).clamp(0, 1)
+
+    def pixel_bounds(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """Per-channel (lo, hi) of valid pixels in normalised space, each (1, C, 1, 1)."""
+        mean, std = stat_tensors(self.mean, self.std, device)
+        return ((0 - mean) / std).unsqueeze(0), ((1 - mean) / std).unsqueeze(0)
+
+    def check_ipc(self, classes: Iterable[int], ipc: int) -> None:
+        """Raises a ValueError naming the class when it has fewer than ``ipc`` training images
+        (methods that select or start from real images need ``ipc`` distinct ones)."""
+        counts = self.class_counts("train")
+        classes = list(classes)
+        for c in classes:
+            if counts[c] < ipc:
+                raise ValueError(
+                    f"IPC {ipc} is larger than the {counts[c]} training images of class {c} "
+                    f"({self.classes[c]!r}); choose ipc <= {min(counts[k] for k in classes)}"
+                )
+
+
 @dataclass
-class PreparedData:
+class PreparedData(TrainingImages):
     """A prepared dataset in memory (small datasets are cached whole as uint8)."""
 
     name: str  # registry name
@@ -58,10 +136,6 @@ class PreparedData:
     val_y: Tensor  # (M,) int64
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
     def channels(self) -> int:
         return int(self.train_x.shape[1])
 
@@ -69,41 +143,18 @@ class PreparedData:
     def resolution(self) -> int:
         return int(self.train_x.shape[-1])
 
-    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        return _stat_tensors(self.mean, self.std, like.device)
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """uint8 (N, C, H, W) -> float normalised space."""
-        return normalize_pixels(x, self.mean, self.std)
-
-    def denormalize(self, x: Tensor) -> Tensor:
-        """Normalised space -> [0, 1] pixels (clamped), for previews."""
-        mean, std = self._stats(x)
-        return (x * std + mean).clamp(0, 1)
-
-    def pixel_bounds(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        """Per-channel (lo, hi) of valid pixels in normalised space, each (1, C, 1, 1)."""
-        mean, std = self._stats(torch.empty(0, device=device))
-        return ((0 - mean) / std).unsqueeze(0), ((1 - mean) / std).unsqueeze(0)
-
     def class_counts(self, split: str = "train") -> list[int]:
         y = self.train_y if split == "train" else self.val_y
         return torch.bincount(y, minlength=self.num_classes).tolist()
 
-    def check_ipc(self, classes, ipc: int) -> None:
-        """Raises a ValueError naming the class when it has fewer than ``ipc`` training images
-        (methods that select or start from real images need ``ipc`` distinct ones)."""
-        counts = self.class_counts("train")
-        for c in classes:
-            if counts[c] < ipc:
-                raise ValueError(
-                    f"IPC {ipc} is larger than the {counts[c]} training images of class {c} "
-                    f"({self.classes[c]!r}); choose ipc <= {min(counts[k] for k in classes)}"
-                )
+    def train_indices_of_class(self, c: int) -> Tensor:
+        return torch.nonzero(self.train_y == c).flatten()
+
+    def train_images(self, indices: Tensor) -> Tensor:
+        return self.train_x[indices]
 
     def train_of_class(self, c: int) -> Tensor:
-        """uint8 training images of class ``c``, in dataset order: (n_c, C, R, R)."""
-        return self.train_x[self.train_y == c]
+        return self.train_x[self.train_y == c]  # one boolean gather, no index tensor
 
 
 def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -159,7 +210,7 @@ def load_prepared(data_dir: str | Path, *, verify: bool = False) -> PreparedData
     if manifest.get("lazy"):
         raise ValueError(
             f"{data_dir}: {manifest['dataset']} is prepared as a lazy index (too large to cache "
-            "as tensors); only the prepare and teacher stages read lazy data so far"
+            "as tensors); open it with wmdd.data.load_data (or wmdd.data.lazy.load_lazy)"
         )
     if verify:
         digest = file_digest(data_dir / DATA_FILE)
@@ -173,3 +224,11 @@ def load_prepared(data_dir: str | Path, *, verify: bool = False) -> PreparedData
         std=tuple(manifest["std"]),
         **tensors,
     )
+
+
+def is_lazy(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` holds a lazy index (ImageNet-1K) rather than cached tensors."""
+    path = Path(data_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (run the prepare stage first)")
+    return bool(read_json(path).get("lazy"))
