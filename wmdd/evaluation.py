@@ -80,14 +80,12 @@ def evaluate_seed(
     ipc: int,
     base_seed: int,
     device: torch.device,
+    validate: Validate,
     progress: bool = True,
-    validate: Validate | None = None,
 ) -> dict:
-    """Trains and validates one student; returns ``train_student_*``'s result dict.
-
-    ``validate`` (default: ``split_validator(data)``) may be passed to share one validation
-    loader between seeds.
-    """
+    """Trains one student and scores it with ``validate`` (:func:`split_validator`, made once
+    per cell so that a lazy split's loader serves every seed); returns
+    ``train_student_*``'s result dict."""
     spec = protocol.selected()
     student = build_student(
         spec.student,
@@ -99,7 +97,7 @@ def evaluate_seed(
     view_seed = relabel_seed(base_seed, profile, ipc, eval_seed)
     images = synthetic.images.to(device)
     common: dict[str, Any] = dict(
-        validate=split_validator(data, device=device) if validate is None else validate,
+        validate=validate,
         device=device,
         progress=progress,
     )

@@ -41,11 +41,11 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ INDEX_FORMAT = 1
 SPLITS = ("train", "val")
 
 Layout = Literal["archives", "folders"]
+T = TypeVar("T")
 Sample = tuple[Tensor, int]
 
 
@@ -294,6 +295,11 @@ class LazyImages(Dataset[Sample | None]):
         )
 
 
+def default_workers() -> int:
+    """Decoding workers when none are configured: the CPU cores, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
 @dataclass
 class LazySplitSet(TrainingImages):
     """A lazy prepared dataset: its class index, normalisation and one dataset per split.
@@ -312,7 +318,8 @@ class LazySplitSet(TrainingImages):
     train: LazyImages
     val: LazyImages
     manifest: dict[str, Any]
-    workers: int = 4  # decoding threads (train_images) and loader processes (validation)
+    # decoding threads (train_images) and loader processes (validation)
+    workers: int = field(default_factory=default_workers)
 
     @property
     def resolution(self) -> int:
@@ -339,11 +346,9 @@ class LazySplitSet(TrainingImages):
         Raises:
             CorruptImageError: an image does not decode (named), whatever ``skip_corrupt``.
         """
-        positions = torch.as_tensor(indices, dtype=torch.long).tolist()
-        if not positions:
+        arrays = _map_threads(self.train.decode, indices, threads=self.workers)
+        if not arrays:
             return torch.empty(0, 3, self.resolution, self.resolution, dtype=torch.uint8)
-        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
-            arrays = list(pool.map(self.train.decode, positions))
         return torch.from_numpy(np.stack(arrays))
 
 
@@ -450,11 +455,6 @@ def load_data(data_dir: str | Path, cfg: DataConfig) -> PreparedData | LazySplit
     )
 
 
-def default_workers() -> int:
-    """Decoding workers when none are configured: the CPU cores, at most 8."""
-    return min(8, os.cpu_count() or 1)
-
-
 def collate_images(batch: list[Sample | None], *, resolution: int) -> tuple[Tensor, Tensor]:
     """Stacks samples into ``(x uint8 (B, 3, R, R), y int64 (B,))``, dropping ``None``."""
     kept = [s for s in batch if s is not None]
@@ -502,7 +502,14 @@ def gather(
         ``x`` uint8 (n, 3, R, R) and ``y`` int64 (n,), in the order of ``indices``
         (unreadable images dropped when the dataset has ``skip_corrupt``).
     """
+    samples = _map_threads(dataset.__getitem__, indices, threads=threads)
+    return collate_images(samples, resolution=dataset.resolution)
+
+
+def _map_threads(
+    fn: Callable[[int], T], indices: Tensor | Sequence[int], *, threads: int
+) -> list[T]:
+    """``[fn(i) for i in indices]``, decoded by ``threads`` threads (Pillow releases the GIL)."""
     positions = torch.as_tensor(indices, dtype=torch.long).tolist()
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        samples = list(pool.map(dataset.__getitem__, positions))
-    return collate_images(samples, resolution=dataset.resolution)
+        return list(pool.map(fn, positions))

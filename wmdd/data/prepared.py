@@ -153,9 +153,6 @@ class PreparedData(TrainingImages):
     def train_images(self, indices: Tensor) -> Tensor:
         return self.train_x[indices]
 
-    def train_of_class(self, c: int) -> Tensor:
-        return self.train_x[self.train_y == c]  # one boolean gather, no index tensor
-
 
 def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images, as [0, 1] pixel statistics."""
