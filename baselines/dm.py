@@ -54,10 +54,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from wmdd.augment.dsa import DSAConfig, dsa, dsa_augment
 from wmdd.data.prepared import TrainingImages
-from wmdd.dsa import DSAConfig, dsa, dsa_augment
-from wmdd.models import create_model
-from wmdd.synthetic import SyntheticSet
+from wmdd.models.registry import create_model
+from wmdd.synthetic_set import SyntheticSet
 from wmdd.utils import derive_seed, generator, seeded_init
 
 EmbedFn = Callable[[Tensor], Tensor]
@@ -303,7 +303,7 @@ def _embed_fn(
         net = teacher
     else:
         net = make_embedder(data, config, seed=seed, iteration=iteration, device=device)
-    return cast(EmbedFn, net.forward_features)  # every wmdd.models model has it
+    return cast(EmbedFn, net.forward_features)  # every wmdd.models.registry model has it
 
 
 def dm(

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from wmdd.data.prepared import TrainingImages
-from wmdd.features import extract_features
-from wmdd.synthetic import SyntheticSet
+from wmdd.synthesis.features import extract_features
+from wmdd.synthetic_set import SyntheticSet
 
 
 @dataclass(frozen=True)

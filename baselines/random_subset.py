@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from wmdd.data.prepared import TrainingImages
-from wmdd.synthetic import SyntheticSet
+from wmdd.synthetic_set import SyntheticSet
 from wmdd.utils import generator
 
 

@@ -2,7 +2,7 @@ r"""SRe2L: Squeeze, Recover and Relabel (Yin, Xing & Shen, NeurIPS 2023, arXiv 2
 
 The *recover* step synthesises images by inverting the pretrained teacher :math:`f`: for a batch
 :math:`X` holding ONE image of each of up to B classes (IPC slot :math:`i`, classes processed B
-at a time; :func:`wmdd.synthesis.slot_batches`) with labels :math:`y`,
+at a time; :func:`wmdd.synthesis.loop.slot_batches`) with labels :math:`y`,
 
 .. math::
 
@@ -19,7 +19,7 @@ over channels. No TV / L2 image priors (none in the published runs).
 
 Everything else (N(0, 1) init in normalised space, Adam(betas=(0.5, 0.9)) with cosine decay,
 one crop/flip/roll per batch-step, clamping to valid pixels, last iterate) is the shared loop
-:func:`wmdd.synthesis.synthesize`, whose docstring lists its departures from the official code
+:func:`wmdd.synthesis.loop.synthesize`, whose docstring lists its departures from the official code
 (github VILA-Lab/SRe2L). This module departs in nothing else; the relabel step is the
 benchmark's common protocol.
 
@@ -41,15 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wmdd.bn_stats import BNInputRecorder, BNStats, batch_channel_stats, global_bn_stats
 from wmdd.data.prepared import TrainingImages
-from wmdd.synthesis import (
+from wmdd.synthesis.bn_stats import BNInputRecorder, BNStats, batch_channel_stats, global_bn_stats
+from wmdd.synthesis.loop import (
     SynthBatch,
     SynthesisConfig,
     slot_batches,
     synthesize_dataset,
 )
-from wmdd.synthetic import SyntheticSet
+from wmdd.synthetic_set import SyntheticSet
 
 #: Running statistics: a 1-row :class:`BNStats` or ``(means, vars)``, one (C_l,) tensor per layer.
 RunningStats = BNStats | tuple[Sequence[Tensor], Sequence[Tensor]]
@@ -120,7 +120,7 @@ def sre2l_bn_loss(
         inputs: Recorded BN inputs, one (b, C_l, H_l, W_l) tensor per layer, in
             ``model.modules()`` order (the first is the first BN layer).
         running: The teacher's running statistics of the same layers (see
-            :func:`wmdd.bn_stats.global_bn_stats`), or ``(means, vars)`` lists of (C_l,).
+            :func:`wmdd.synthesis.bn_stats.global_bn_stats`), or ``(means, vars)`` lists of (C_l,).
         first_multiplier: :math:`m_1`.
 
     Returns:

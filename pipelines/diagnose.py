@@ -1,4 +1,4 @@
-"""Stage ``diagnose``: what the teacher makes of one distilled set (``wmdd.diagnostics``).
+"""Stage ``diagnose``: what the teacher makes of one distilled set (``wmdd.protocol.diagnostics``).
 
     python -m pipelines.diagnose --dataset digits --method dm --ipc 1
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from wmdd import paths
 from wmdd.data.prepared import MANIFEST_FILE
-from wmdd.diagnostics import set_diagnostics
-from wmdd.synthetic import SET_FILE, SyntheticSet
-from wmdd.teacher import load_teacher
-from wmdd.tracking import stage_run
+from wmdd.models.teacher import load_teacher
+from wmdd.protocol.diagnostics import set_diagnostics
+from wmdd.synthetic_set import SET_FILE, SyntheticSet
+from wmdd.tracking.runs import stage_run
 from wmdd.utils import read_json, resolve_device, write_json
 
 

@@ -20,9 +20,9 @@ from pipelines.registry import get_method, method_config
 from wmdd import paths
 from wmdd.config import flatten, to_dict
 from wmdd.data import load_data
-from wmdd.synthetic import AUX_FILE, META_FILE, PREVIEW_FILE, SET_FILE, preview_grid
-from wmdd.teacher import load_teacher
-from wmdd.tracking import stage_run
+from wmdd.models.teacher import load_teacher
+from wmdd.synthetic_set import AUX_FILE, META_FILE, PREVIEW_FILE, SET_FILE, preview_grid
+from wmdd.tracking.runs import stage_run
 from wmdd.utils import (
     atomic_dir,
     derive_seed,

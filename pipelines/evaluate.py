@@ -16,11 +16,11 @@ from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from wmdd import paths
 from wmdd.config import flatten
 from wmdd.data import load_data
-from wmdd.evaluation import evaluate_seed, split_validator, summarise
-from wmdd.protocol import protocol_hash
-from wmdd.synthetic import SET_FILE, SyntheticSet
-from wmdd.teacher import load_teacher
-from wmdd.tracking import stage_run
+from wmdd.models.teacher import load_teacher
+from wmdd.protocol.runner import evaluate_seed, split_validator, summarise
+from wmdd.protocol.soft import protocol_hash
+from wmdd.synthetic_set import SET_FILE, SyntheticSet
+from wmdd.tracking.runs import stage_run
 from wmdd.utils import peak_memory_mb, resolve_device, write_json
 
 

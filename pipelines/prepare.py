@@ -14,7 +14,7 @@ from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from wmdd import paths
 from wmdd.config import flatten
 from wmdd.data.prepare import prepare_dataset
-from wmdd.tracking import stage_run
+from wmdd.tracking.runs import stage_run
 from wmdd.utils import atomic_dir, resolve_device
 
 

@@ -18,7 +18,7 @@ from baselines.herding import HerdingConfig, herding
 from baselines.random_subset import RandomConfig, random_subset
 from baselines.sre2l import SRe2LConfig, sre2l
 from wmdd.config import ConfigError, Params, from_dict
-from wmdd.wmdd import WMDDConfig, wmdd_distill
+from wmdd.method.distill import WMDDConfig, wmdd_distill
 
 
 @dataclass(frozen=True)

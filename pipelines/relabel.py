@@ -17,11 +17,11 @@ import time
 from pipelines.common import base_parser, load_checked, run_main, stage_tags
 from wmdd import paths
 from wmdd.config import flatten
-from wmdd.evaluation import stored_labels_path
-from wmdd.protocol import StoredLabels, protocol_hash, relabel_seed
-from wmdd.synthetic import SET_FILE, SyntheticSet
-from wmdd.teacher import load_teacher
-from wmdd.tracking import stage_run
+from wmdd.models.teacher import load_teacher
+from wmdd.protocol.runner import stored_labels_path
+from wmdd.protocol.soft import StoredLabels, protocol_hash, relabel_seed
+from wmdd.synthetic_set import SET_FILE, SyntheticSet
+from wmdd.tracking.runs import stage_run
 from wmdd.utils import atomic_dir, peak_memory_mb, resolve_device, write_json
 
 

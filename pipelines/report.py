@@ -16,14 +16,14 @@ from pathlib import Path
 
 from pipelines.common import base_parser, load_checked, run_main
 from wmdd import paths
-from wmdd.report import (
+from wmdd.report.benchmark import (
     NOISE_SYNTHESISED,
     collect_cells,
     plot_accuracy,
     render_markdown,
     results_frame,
 )
-from wmdd.tracking import package_versions, stage_run
+from wmdd.tracking.runs import package_versions, stage_run
 from wmdd.utils import atomic_dir, atomic_file, resolve_device
 
 

@@ -17,9 +17,9 @@ from wmdd import paths
 from wmdd.config import flatten
 from wmdd.data import load_data
 from wmdd.data.prepared import PreparedData, is_lazy
-from wmdd.evaluation import split_validator
-from wmdd.teacher import pretrained_teacher, save_teacher, train_teacher
-from wmdd.tracking import stage_run
+from wmdd.models.teacher import pretrained_teacher, save_teacher, train_teacher
+from wmdd.protocol.runner import split_validator
+from wmdd.tracking.runs import stage_run
 from wmdd.utils import (
     atomic_file,
     derive_seed,

@@ -1,4 +1,4 @@
-"""Tests of the seeded, batched augmentations (wmdd.augment)."""
+"""Tests of the seeded, batched augmentations (wmdd.augment.views)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import torch_threads
 from torch.testing import assert_close
 
-from wmdd.augment import (
+from wmdd.augment.views import (
     CutMixParams,
     apply_cutmix,
     apply_flips,

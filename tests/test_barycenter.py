@@ -1,4 +1,4 @@
-"""Tests for wmdd.barycenter (per-class free-support W2 barycenters)."""
+"""Tests for wmdd.method.barycenter (per-class free-support W2 barycenters)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from wmdd.barycenter import (
+from wmdd.method.barycenter import (
     Barycenter,
     class_barycenters,
     initial_support,

@@ -1,4 +1,4 @@
-"""Tests for wmdd.bn_stats (BN-input recorder, per-class and global BN statistics)."""
+"""Tests for wmdd.synthesis.bn_stats (BN-input recorder, per-class and global BN statistics)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from wmdd.bn_stats import (
+from wmdd.synthesis.bn_stats import (
     BNInputRecorder,
     BNStats,
     batch_channel_stats,

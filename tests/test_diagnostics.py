@@ -1,4 +1,4 @@
-"""The teacher's verdict on a distilled set (``wmdd.diagnostics``), on hand-made answers."""
+"""The teacher's verdict on a distilled set (``wmdd.protocol.diagnostics``), on hand-made answers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from wmdd.diagnostics import set_diagnostics
+from wmdd.protocol.diagnostics import set_diagnostics
 
 
 class _PickChannel(nn.Module):

@@ -16,8 +16,8 @@ from baselines.dm import (
     make_embedder,
     siamese_dsa,
 )
-from wmdd.dsa import FAMILIES, DSAConfig
-from wmdd.models import create_model
+from wmdd.augment.dsa import FAMILIES, DSAConfig
+from wmdd.models.registry import create_model
 
 CPU = torch.device("cpu")
 

@@ -287,7 +287,7 @@ def test_dockerignore_keeps_code_and_drops_local_state() -> None:
         "dvc.yaml",
         "params.yaml",
         ".dvc/config",
-        "wmdd/tracking.py",
+        "wmdd/tracking/runs.py",
         "tests/data/test_prepare.py",
         "docker/certs/README.md",
     ):

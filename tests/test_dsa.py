@@ -1,4 +1,4 @@
-"""Tests of Differentiable Siamese Augmentation (wmdd.dsa)."""
+"""Tests of Differentiable Siamese Augmentation (wmdd.augment.dsa)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from wmdd.dsa import (
+from wmdd.augment.dsa import (
     FAMILIES,
     DSAConfig,
     DSAParams,

@@ -8,7 +8,7 @@ from helpers import tiny_prepared
 from torch.testing import assert_close
 
 from baselines.herding import HerdingConfig, herding, herding_select
-from wmdd.models import create_model
+from wmdd.models.registry import create_model
 from wmdd.utils import seeded_init
 
 CPU = torch.device("cpu")

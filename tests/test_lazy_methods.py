@@ -32,11 +32,11 @@ from wmdd.data import LazySplitSet, PreparedData, load_data
 from wmdd.data.imagenet import index_imagenet
 from wmdd.data.lazy import CorruptImageError, load_lazy, make_loader
 from wmdd.data.prepare import prepare_dataset
-from wmdd.evaluation import split_validator
-from wmdd.models import create_model
-from wmdd.synthesis import SynthesisConfig
+from wmdd.method.distill import WMDDConfig
+from wmdd.models.registry import create_model
+from wmdd.protocol.runner import split_validator
+from wmdd.synthesis.loop import SynthesisConfig
 from wmdd.utils import read_json, seeded_init
-from wmdd.wmdd import WMDDConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

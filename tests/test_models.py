@@ -1,4 +1,4 @@
-"""Tests of the model registry (wmdd.models) and strict teacher checkpoints (wmdd.teacher)."""
+"""Tests of the model registry (wmdd.models.registry) and strict teacher checkpoints (wmdd.models.teacher)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from wmdd.config import ModelConfig
-from wmdd.models import ConvNet, count_parameters, create_model, list_models
-from wmdd.teacher import load_teacher, save_teacher, teacher_checkpoint_info
+from wmdd.models.registry import ConvNet, count_parameters, create_model, list_models
+from wmdd.models.teacher import load_teacher, save_teacher, teacher_checkpoint_info
 
 # Small options per model so the full matrix stays fast on CPU.
 # (resnet18's stride-1 "small" stem is 16x the compute of the imagenet stem: it is

@@ -1,4 +1,4 @@
-"""Tests of strict pretrained-weight loading (wmdd.pretrained); offline, no real downloads.
+"""Tests of strict pretrained-weight loading (wmdd.models.pretrained); offline, no real downloads.
 
 torchvision's real ResNet-18 file is never present here: a seeded ``torchvision.models.resnet18``
 saved like it (102 tensors: no BatchNorm ``num_batches_tracked``, a pre-0.4.1 file) under its
@@ -24,16 +24,16 @@ from helpers import tiny_prepared, torch_threads
 from torch import nn
 from torch.testing import assert_close
 
-from wmdd import pretrained
 from wmdd.config import ModelConfig
-from wmdd.models import TimmModel, create_model
-from wmdd.pretrained import (
+from wmdd.models import pretrained
+from wmdd.models.pretrained import (
     KNOWN_SHA256,
     PretrainedLoadError,
     PretrainedNotFoundError,
     load_pretrained,
 )
-from wmdd.teacher import save_teacher
+from wmdd.models.registry import TimmModel, create_model
+from wmdd.models.teacher import save_teacher
 
 TV_SPEC = "torchvision:resnet18.IMAGENET1K_V1"
 TV_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"

@@ -1,4 +1,4 @@
-"""Tests of the one relabel/evaluation protocol (wmdd.protocol, wmdd.hardlabel)."""
+"""Tests of the one relabel/evaluation protocol (wmdd.protocol.soft, wmdd.protocol.hard)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from helpers import tiny_prepared, torch_threads
 from torch.testing import assert_close
 
 from wmdd.config import HardProtocolConfig, ModelConfig, ProtocolConfig, SoftProtocolConfig
-from wmdd.evaluation import split_validator
-from wmdd.hardlabel import train_student_hard
-from wmdd.models import create_model
-from wmdd.protocol import (
+from wmdd.models.registry import create_model
+from wmdd.protocol.hard import train_student_hard
+from wmdd.protocol.runner import split_validator
+from wmdd.protocol.soft import (
     OnlineLabels,
     StoredLabels,
     _adamw,

@@ -1,4 +1,4 @@
-"""The benchmark report (``wmdd.report``, ``pipelines.report``) against a real MLflow store.
+"""The benchmark report (``wmdd.report.benchmark``, ``pipelines.report``) against a real MLflow store.
 
 A module-scoped fixture builds what the pipeline leaves behind for a small grid (3 profiles
 x 5 methods x 2 IPCs): an SQLite MLflow store holding the runs the teacher / distill /
@@ -32,8 +32,8 @@ from pipelines.report import copy_grids
 from pipelines.report import main as report_main
 from wmdd import paths
 from wmdd.config import load_params
-from wmdd.evaluation import summarise
-from wmdd.report import (
+from wmdd.protocol.runner import summarise
+from wmdd.report.benchmark import (
     CSV_COLUMNS,
     NOISE_SYNTHESISED,
     PUBLISHED,
@@ -45,7 +45,7 @@ from wmdd.report import (
     results_frame,
     welch,
 )
-from wmdd.tracking import package_versions
+from wmdd.tracking.runs import package_versions
 from wmdd.utils import read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ class Tree:
 
 
 def _stage_tags(profile: str, stage: str, **extra) -> dict[str, str]:
-    """The tags ``wmdd.tracking.stage_run`` + ``pipelines.common.stage_tags`` set."""
+    """The tags ``wmdd.tracking.runs.stage_run`` + ``pipelines.common.stage_tags`` set."""
     prof = PARAMS.profile(profile)
     tags = {
         "mlflow.runName": stage,

@@ -11,10 +11,10 @@ from torch.testing import assert_close
 
 from baselines import sre2l as sre2l_module
 from baselines.sre2l import SRe2LConfig, sre2l, sre2l_bn_loss, sre2l_loss
-from wmdd.bn_stats import BNInputRecorder, global_bn_stats
 from wmdd.data.prepared import PreparedData
-from wmdd.models import create_model
-from wmdd.synthesis import SynthBatch, SynthesisConfig
+from wmdd.models.registry import create_model
+from wmdd.synthesis.bn_stats import BNInputRecorder, global_bn_stats
+from wmdd.synthesis.loop import SynthBatch, SynthesisConfig
 from wmdd.utils import seeded_init
 
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""Tests of the shared image-synthesis loop (wmdd.synthesis)."""
+"""Tests of the shared image-synthesis loop (wmdd.synthesis.loop)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from wmdd.data.prepared import PreparedData
-from wmdd.synthesis import (
+from wmdd.synthesis.loop import (
     SynthBatch,
     SynthesisConfig,
     augment_batch,

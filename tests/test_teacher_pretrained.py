@@ -1,4 +1,4 @@
-"""The teacher stage's pretrained branch (wmdd.teacher.pretrained_teacher): strict loading of
+"""The teacher stage's pretrained branch (wmdd.models.teacher.pretrained_teacher): strict loading of
 a weights file into the profile's model, and a loud failure when it does not fit."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from helpers import tiny_prepared, torch_threads
 
 from wmdd.config import ModelConfig, TeacherConfig
-from wmdd.pretrained import PretrainedLoadError
-from wmdd.teacher import build_teacher, pretrained_teacher
+from wmdd.models.pretrained import PretrainedLoadError
+from wmdd.models.teacher import build_teacher, pretrained_teacher
 
 
 def _cfg(spec: str, **model_kwargs) -> TeacherConfig:

@@ -1,4 +1,4 @@
-"""Tests of WMDD (wmdd.wmdd) on a tiny BN CNN teacher."""
+"""Tests of WMDD (wmdd.method.distill) on a tiny BN CNN teacher."""
 
 from __future__ import annotations
 
@@ -9,13 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from wmdd.bn_stats import BNInputRecorder, BNStats, batch_channel_stats, per_class_bn_stats
 from wmdd.config import ConfigError, from_dict
 from wmdd.data.prepared import PreparedData
-from wmdd.models import create_model
-from wmdd.synthesis import SynthBatch, SynthesisConfig, class_batches
-from wmdd.utils import seeded_init
-from wmdd.wmdd import (
+from wmdd.method.distill import (
     WMDDConfig,
     WMDDTargets,
     bn_matching_loss,
@@ -24,6 +20,15 @@ from wmdd.wmdd import (
     wmdd_distill,
     wmdd_loss,
 )
+from wmdd.models.registry import create_model
+from wmdd.synthesis.bn_stats import (
+    BNInputRecorder,
+    BNStats,
+    batch_channel_stats,
+    per_class_bn_stats,
+)
+from wmdd.synthesis.loop import SynthBatch, SynthesisConfig, class_batches
+from wmdd.utils import seeded_init
 
 CPU = torch.device("cpu")
 NUM_CLASSES, PER_CLASS, RES = 4, 10, 8

@@ -191,7 +191,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str  # a name registered with wmdd.models.create_model
+    name: str  # a name registered with wmdd.models.registry.create_model
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the factory
 
 

@@ -48,7 +48,7 @@ def normalize_pixels(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> 
 
 def denormalize_pixels(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Normalised space -> [0, 1] pixel units, ``x * std + mean``, *not* clamped (values
-    outside [0, 1] are what :mod:`wmdd.diagnostics` measures)."""
+    outside [0, 1] are what :mod:`wmdd.protocol.diagnostics` measures)."""
     m, s = stat_tensors(mean, std, x.device)
     return x * s + m
 

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader
 from wmdd.config import ProtocolConfig
 from wmdd.data.lazy import LazySplitSet, make_loader
 from wmdd.data.prepared import PreparedData
-from wmdd.hardlabel import train_student_hard
-from wmdd.protocol import (
+from wmdd.models.teacher import Accuracy, evaluate, evaluate_loader
+from wmdd.protocol.hard import train_student_hard
+from wmdd.protocol.soft import (
     OnlineLabels,
     StoredLabels,
     build_student,
@@ -29,8 +30,7 @@ from wmdd.protocol import (
     student_seed,
     train_student_soft,
 )
-from wmdd.synthetic import SyntheticSet
-from wmdd.teacher import Accuracy, evaluate, evaluate_loader
+from wmdd.synthetic_set import SyntheticSet
 
 Validate = Callable[[nn.Module, int], Accuracy]  # (model, batch size) -> accuracy on val
 

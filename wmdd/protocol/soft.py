@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from wmdd.augment import (
+from wmdd.augment.views import (
     CutMixParams,
     apply_cutmix,
     apply_flips,
@@ -47,8 +47,8 @@ from wmdd.augment import (
     sample_flips,
 )
 from wmdd.config import ModelConfig, SoftProtocolConfig
-from wmdd.models import create_model
-from wmdd.teacher import Accuracy
+from wmdd.models.registry import create_model
+from wmdd.models.teacher import Accuracy
 from wmdd.utils import derive_seed, generator, seeded_init
 
 
@@ -282,7 +282,7 @@ def train_student_soft(
     Args:
         images: (N, C, R, R) synthetic set in normalised space, on ``device``.
         validate: ``validate(model, batch_size)`` scores a model on the full validation
-            split (:func:`wmdd.evaluation.split_validator`: cached tensors or a lazy loader).
+            split (:func:`wmdd.protocol.runner.split_validator`: cached tensors or a lazy loader).
 
     Returns:
         ``{"top1", "top5", "best_top1", "best_epoch", "history": [{epoch, loss, top1, top5}]}``.

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from wmdd.augment.dsa import DSAConfig, dsa
 from wmdd.config import HardProtocolConfig
-from wmdd.dsa import DSAConfig, dsa
-from wmdd.teacher import Accuracy
+from wmdd.models.teacher import Accuracy
 from wmdd.utils import generator
 
 
@@ -34,7 +34,7 @@ def train_student_hard(
     progress: bool = True,
 ) -> dict:
     """Trains ``student`` on ``(images, labels)`` with cross-entropy; same result dict as
-    :func:`wmdd.protocol.train_student_soft` (``best_*`` from the final evaluation only;
+    :func:`wmdd.protocol.soft.train_student_soft` (``best_*`` from the final evaluation only;
     ``validate`` as there)."""
     student.to(device).train()
     opt = torch.optim.SGD(

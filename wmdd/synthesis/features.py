@@ -1,7 +1,7 @@
 r"""Penultimate teacher features :math:`\phi(x) \in \mathbb{R}^D` of real images.
 
 :math:`\phi` is ``model.forward_features`` (global-average-pooled for ResNets, flattened conv
-features for ConvNets; see :mod:`wmdd.models`), computed in eval mode (BN uses running
+features for ConvNets; see :mod:`wmdd.models.registry`), computed in eval mode (BN uses running
 statistics) without gradients, batch by batch. Used by WMDD (barycenters, the MMD ablation),
 herding and DM's teacher-feature variant.
 
@@ -38,7 +38,7 @@ def extract_features(
     The model's train/eval mode is restored afterwards.
 
     Args:
-        model: A model of :mod:`wmdd.models` (has ``forward_features``), on ``device``.
+        model: A model of :mod:`wmdd.models.registry` (has ``forward_features``), on ``device``.
         images: (N, C, H, W): uint8 (then ``normalize`` is required) or normalised float.
         batch_size: Images per forward pass.
         device: Where batches are moved.

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from wmdd.augment import apply_flips, resized_crops, sample_crop_boxes, sample_flips
+from wmdd.augment.views import apply_flips, resized_crops, sample_crop_boxes, sample_flips
 from wmdd.config import ModelConfig, TeacherConfig, to_dict
 from wmdd.data.lazy import LazySplitSet
 from wmdd.data.prepared import PreparedData
-from wmdd.models import create_model
-from wmdd.pretrained import PretrainedInfo, load_pretrained
+from wmdd.models.pretrained import PretrainedInfo, load_pretrained
+from wmdd.models.registry import create_model
 from wmdd.utils import generator, seeded_init
 
 log = logging.getLogger(__name__)

@@ -2,14 +2,14 @@ r"""WMDD: Wasserstein Metric-based Dataset Distillation (Liu et al., arXiv 2311.
 
 Steps (each a named function; :func:`wmdd_distill` wires them):
 
-1. :func:`wmdd.features.class_features`: teacher features :math:`\phi(x)` of every training image
+1. :func:`wmdd.synthesis.features.class_features`: teacher features :math:`\phi(x)` of every training image
    of each class (evaluation preprocessing, eval mode).
-2. :func:`wmdd.barycenter.class_barycenters`: per class, the free-support W2 barycenter
+2. :func:`wmdd.method.barycenter.class_barycenters`: per class, the free-support W2 barycenter
    :math:`B_c = (b_{c,1}, \dots, b_{c,k})` of the class's empirical feature distribution with k
    uniform support points; initial support seed ``derive_seed(seed, "barycenter", c)``.
 3. :func:`class_bn_targets`: per class and BN layer l, mean :math:`\mu_{l,c}` and biased variance
    :math:`\sigma^2_{l,c}` of the BN input over all of the class's real images and pixels.
-4. :func:`wmdd.synthesis.synthesize` with :func:`class_batches` and :func:`wmdd_loss`: for a
+4. :func:`wmdd.synthesis.loop.synthesize` with :func:`class_batches` and :func:`wmdd_loss`: for a
    batch holding classes :math:`c \in \mathcal{C}`, k images each, image m of class c tied by
    index to :math:`b_{c,m}`,
 
@@ -65,17 +65,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wmdd.barycenter import class_barycenters, stack_supports
-from wmdd.bn_stats import BNInputRecorder, BNStats, global_bn_stats, per_class_bn_stats
 from wmdd.data.prepared import TrainingImages
-from wmdd.features import class_features
-from wmdd.synthesis import (
+from wmdd.method.barycenter import class_barycenters, stack_supports
+from wmdd.synthesis.bn_stats import BNInputRecorder, BNStats, global_bn_stats, per_class_bn_stats
+from wmdd.synthesis.features import class_features
+from wmdd.synthesis.loop import (
     SynthBatch,
     SynthesisConfig,
     class_batches,
     synthesize_dataset,
 )
-from wmdd.synthetic import SyntheticSet
+from wmdd.synthetic_set import SyntheticSet
 from wmdd.utils import derive_seed
 
 __all__ = [
@@ -144,7 +144,7 @@ def grouped_channel_stats(z: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     """Per-group channel mean and biased variance of a batch of G contiguous groups.
 
     For group g (images ``g*m .. (g+1)*m - 1``) and channel ch, the statistics over the
-    group's m images x H x W, i.e. :func:`wmdd.bn_stats.batch_channel_stats` of each group,
+    group's m images x H x W, i.e. :func:`wmdd.synthesis.bn_stats.batch_channel_stats` of each group,
     computed for all groups at once with a two-pass formula on a (G, m, C, H*W) view (no copy;
     about 3x faster on CPU than one ``var_mean`` call per group or over permuted dimensions).
 
@@ -274,7 +274,7 @@ def class_bn_targets(
 ) -> BNStats:
     """Per-class BN-input statistics of the real images of ``classes`` (rows in that order).
 
-    Calls :func:`wmdd.bn_stats.per_class_bn_stats` one class at a time, so only one class is
+    Calls :func:`wmdd.synthesis.bn_stats.per_class_bn_stats` one class at a time, so only one class is
     ever normalised to float in memory; the statistics are per class, hence identical to one
     call over all classes.
     """

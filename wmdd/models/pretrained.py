@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from wmdd.data.download import DownloadError, download, sha256sum
-from wmdd.models import TimmModel
+from wmdd.models.registry import TimmModel
 
 __all__ = [
     "KNOWN_SHA256",
@@ -122,7 +122,7 @@ def load_pretrained(
     Args:
         spec: ``torchvision:<arch>.<WEIGHTS>``, ``file:<path>`` or ``timm:<model_name>``
             (module docstring).
-        model: a model from :func:`wmdd.models.create_model` whose architecture, input
+        model: a model from :func:`wmdd.models.registry.create_model` whose architecture, input
             channels and ``num_classes`` match the weights (1000 for ImageNet weights).
         weights_dir: directory searched first for torchvision / timm files, and where
             downloads go (torch hub's checkpoint directory when ``None``).
@@ -232,7 +232,7 @@ def _torchvision_file(name: str, dirs: list[Path], *, allow_download: bool) -> t
     if remote.sha256 is None:
         raise PretrainedNotFoundError(
             f"{missing} (not downloaded automatically: its full SHA-256 is not recorded in "
-            "wmdd.pretrained.KNOWN_SHA256)"
+            "wmdd.models.pretrained.KNOWN_SHA256)"
         )
     dest = dirs[0] / remote.file_name
     try:

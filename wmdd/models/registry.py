@@ -19,7 +19,7 @@ Registered models:
   the WMDD paper's Tiny-ImageNet variant at 224 px).
 * ``timm`` — any ``timm`` architecture by ``model_name`` (e.g. ``resnet18``), built with
   ``pretrained=False``; pretrained weights are loaded separately by
-  :func:`wmdd.pretrained.load_pretrained` (spec ``timm:<model_name>``).
+  :func:`wmdd.models.pretrained.load_pretrained` (spec ``timm:<model_name>``).
 * ``tiny_cnn`` — a two-layer BN CNN for tests, registered like the real ones so tests run
   real code at toy size.
 """
@@ -204,7 +204,7 @@ class TimmModel(nn.Module):
     ) -> None:
         super().__init__()
         del resolution  # timm models take their input size from the data (or a kwarg)
-        import timm  # imported here so that `import wmdd.models` stays light
+        import timm  # imported here so that `import wmdd.models.registry` stays light
 
         if not timm.is_model(model_name):
             raise ValueError(

@@ -35,7 +35,7 @@ CPU, so the draws are the same on every device.
 
 Departures from the official code (github Liu-Hy/WMDD, VILA-Lab/SRe2L), all deliberate:
 
-* Crop-and-resize uses :func:`wmdd.augment.resized_crops` (``roi_align``, bilinear with adaptive
+* Crop-and-resize uses :func:`wmdd.augment.views.resized_crops` (``roi_align``, bilinear with adaptive
   area sampling) instead of torchvision's antialiased ``resize``; the draw rule is the same.
 * Gradients are taken with ``torch.autograd.grad`` with respect to the pixels only, so the
   teacher's parameters never accumulate ``.grad`` (the official code calls ``backward``).
@@ -57,9 +57,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from wmdd.augment import random_roll, resized_crops, sample_crop_boxes, sample_flips
+from wmdd.augment.views import random_roll, resized_crops, sample_crop_boxes, sample_flips
 from wmdd.data.prepared import TrainingImages
-from wmdd.synthetic import jpeg_roundtrip
+from wmdd.synthetic_set import jpeg_roundtrip
 from wmdd.utils import generator
 
 __all__ = [

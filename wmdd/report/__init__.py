@@ -1,0 +1,2 @@
+"""The benchmark report: tables, statistics and figures read back from MLflow
+(``benchmark``)."""
