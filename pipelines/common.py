@@ -1,14 +1,30 @@
-"""Shared wiring for stage entry points: arguments, logging, params, device, run names."""
+"""Shared wiring for stage entry points: arguments, logging, params, device, MLflow run.
+
+Every stage script reads the same way::
+
+    stage = open_stage("evaluate", __doc__, argv, method=True, ipc=True)
+    ...                                  # load inputs (errors here open no MLflow run)
+    with stage.tracked(params=..., inputs=[...]) as run:
+        ...                              # the work; run.log_metrics(...), run.run_id
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from wmdd.config import ConfigError, Params, ProfileConfig, load_params
+import torch
+
+from wmdd.config import BenchmarkConfig, ConfigError, Params, ProfileConfig, load_params
+from wmdd.tracking.runs import stage_run
+from wmdd.utils import resolve_device
 
 
 def base_parser(
@@ -33,14 +49,89 @@ def base_parser(
     return parser
 
 
-def stage_tags(args: argparse.Namespace, profile: ProfileConfig, **extra) -> dict:
-    """The MLflow tags that identify a stage run: profile, budget, dataset, and for per-cell
-    stages the method and IPC (plus ``extra``)."""
-    tags = {"dataset": args.dataset, "budget": profile.budget, "dataset_name": profile.data.name}
-    for key in ("method", "ipc"):
-        if hasattr(args, key):
-            tags[key] = getattr(args, key)
-    return {**tags, **extra}
+@dataclass(frozen=True)
+class Stage:
+    """One stage invocation: its arguments, the loaded params and the device."""
+
+    name: str  # the DVC stage's name (``distill``), also the MLflow ``stage`` tag
+    args: argparse.Namespace  # the parsed command line
+    params: Params  # params.yaml, validated
+    device: torch.device  # where the stage computes
+
+    @property
+    def bench(self) -> BenchmarkConfig:
+        return self.params.benchmark
+
+    @property
+    def profile(self) -> ProfileConfig:
+        return self.params.profile(self.args.dataset)
+
+    @property
+    def progress(self) -> bool:
+        return not self.args.no_progress
+
+    @property
+    def cell(self) -> list[str]:
+        """The stage's coordinates: profile, method, ``ipc<k>`` (those it takes)."""
+        keys = [getattr(self.args, k, None) for k in ("dataset", "method")]
+        ipc = getattr(self.args, "ipc", None)
+        return [str(k) for k in keys if k is not None] + ([f"ipc{ipc}"] if ipc else [])
+
+    def tags(self, **extra: Any) -> dict[str, Any]:
+        """The MLflow tags that identify the run: profile, budget, dataset, and for per-cell
+        stages the method and IPC (plus ``extra``)."""
+        tags: dict[str, Any] = {}
+        if getattr(self.args, "dataset", None):
+            profile = self.profile
+            tags = {"dataset": self.args.dataset, "budget": profile.budget}
+            tags["dataset_name"] = profile.data.name
+        for key in ("method", "ipc"):
+            if hasattr(self.args, key):
+                tags[key] = getattr(self.args, key)
+        return {**tags, **extra}
+
+    @contextlib.contextmanager
+    def tracked(self, *, params: dict[str, Any], inputs: list[Path], **tags: Any) -> Iterator[Any]:
+        """The stage's MLflow run, named ``<stage>/<profile>/<method>/ipc<k>``; yields the
+        ``mlflow`` module with the run active (``run_id(mlflow)`` names it)."""
+        with stage_run(
+            experiment=self.bench.experiment,
+            stage=self.name,
+            run_name="/".join([self.name, *self.cell]),
+            tags=self.tags(**tags),
+            params=params,
+            inputs=inputs,
+            device=self.device,
+        ) as mlflow:
+            yield mlflow
+
+
+def run_id(mlflow: Any) -> str:
+    """The id of the active MLflow run."""
+    return mlflow.active_run().info.run_id
+
+
+def open_stage(
+    name: str,
+    doc: str | None,
+    argv: list[str] | None,
+    *,
+    dataset: bool = True,
+    method: bool = False,
+    ipc: bool = False,
+    device: str | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], Any] | None = None,
+) -> Stage:
+    """Parses the stage's arguments, loads params and resolves the device (``device`` fixes
+    it, e.g. ``"cpu"`` for prepare; else ``benchmark.device``)."""
+    parser = base_parser(doc or name, dataset=dataset, method=method, ipc=ipc)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    if dataset:
+        params.profile(args.dataset)  # an unknown profile fails here, naming the known ones
+    return Stage(name, args, params, resolve_device(device or params.benchmark.device))
 
 
 def setup_logging() -> None:
@@ -50,15 +141,6 @@ def setup_logging() -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-
-
-def load_checked(path: str) -> Params:
-    """Loads params and validates every method section (fails before any work is done)."""
-    from pipelines.registry import validate_methods
-
-    params = load_params(path)
-    validate_methods(params)
-    return params
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:

@@ -12,94 +12,47 @@ from __future__ import annotations
 
 import time
 
-from pipelines.common import base_parser, load_checked, run_main, stage_tags
+from pipelines.common import open_stage, run_id, run_main
 from wmdd import paths
-from wmdd.config import flatten
 from wmdd.data import load_data
+from wmdd.models.accuracy import split_validator
 from wmdd.models.teacher import load_teacher
-from wmdd.protocol.runner import evaluate_seed, split_validator, summarise
-from wmdd.protocol.soft import protocol_hash
+from wmdd.protocol.plan import protocol_plan
+from wmdd.protocol.runner import evaluate_seed, log_seed, results_record, summarise
 from wmdd.synthetic_set import SET_FILE, SyntheticSet
-from wmdd.tracking.runs import stage_run
-from wmdd.utils import peak_memory_mb, resolve_device, write_json
+from wmdd.utils import peak_memory_mb, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = base_parser(__doc__, method=True, ipc=True).parse_args(argv)
-    params = load_checked(args.params)
-    profile, bench = params.profile(args.dataset), params.benchmark
-    device = resolve_device(bench.device)
-    data_dir = paths.data_dir(args.dataset)
+    stage = open_stage("evaluate", __doc__, argv, method=True, ipc=True)
+    args, bench, device = stage.args, stage.bench, stage.device
+    data_dir, teacher_file = paths.data_dir(args.dataset), paths.teacher_path(args.dataset)
     set_dir = paths.distilled_dir(args.dataset, args.method, args.ipc)
     labels_dir = paths.labels_dir(args.dataset, args.method, args.ipc)
-    teacher_file = paths.teacher_path(args.dataset)
-    data = load_data(data_dir, profile.data)
+    data = load_data(data_dir, stage.profile.data)
     synthetic = SyntheticSet.load(set_dir / SET_FILE)
-    protocol = profile.protocol
-    phash = protocol_hash(protocol, eval_seeds=bench.eval_seeds, base_seed=bench.seed)
-    tags = stage_tags(args, profile, protocol=protocol.kind, protocol_hash=phash)
-    with stage_run(
-        experiment=bench.experiment,
-        stage="evaluate",
-        run_name=f"evaluate/{args.dataset}/{args.method}/ipc{args.ipc}",
-        tags=tags,
-        params={**flatten(protocol, "protocol."), "eval_seeds": list(bench.eval_seeds)},
-        inputs=[data_dir, set_dir, labels_dir, teacher_file],
-        device=device,
-    ) as mlflow:
-        start = time.perf_counter()
-        teacher = load_teacher(teacher_file, device=device) if protocol.kind == "soft" else None
+    plan = protocol_plan(
+        stage.profile.protocol, profile=args.dataset, ipc=args.ipc,
+        eval_seeds=bench.eval_seeds, base_seed=bench.seed,
+    )  # fmt: skip
+    teacher = load_teacher(teacher_file, device=device) if plan.evaluate_needs_teacher else None
+    inputs = [data_dir, set_dir, labels_dir] + ([teacher_file] if teacher is not None else [])
+    tags = {"protocol": plan.kind, "protocol_hash": plan.hash}
+    with stage.tracked(params=plan.mlflow_params(), inputs=inputs, **tags) as mlflow:
+        start, per_seed = time.perf_counter(), {}
         validate = split_validator(data, device=device)  # one loader for every seed
-        per_seed: dict[int, dict] = {}
-        for s in bench.eval_seeds:
-            result = evaluate_seed(
-                protocol,
-                eval_seed=s,
-                data=data,
-                synthetic=synthetic,
-                teacher=teacher,
-                labels_dir=labels_dir,
-                profile=args.dataset,
-                ipc=args.ipc,
-                base_seed=bench.seed,
-                device=device,
-                progress=not args.no_progress,
-                validate=validate,
-            )
-            per_seed[s] = result
-            for h in result["history"]:
-                mlflow.log_metrics(
-                    {f"seed{s}.top1": h["top1"], f"seed{s}.loss": h["loss"]}, step=h["epoch"]
-                )
-            mlflow.log_metrics(
-                {
-                    f"seed{s}.final_top1": result["top1"],
-                    f"seed{s}.final_top5": result["top5"],
-                    f"seed{s}.best_top1": result["best_top1"],
-                }
-            )
-        summary = summarise(per_seed)
-        seconds = time.perf_counter() - start
-        mlflow.log_metrics(
-            {
-                **{k: float(v) for k, v in summary.items()},
-                "eval_seconds": seconds,
-                "peak_mem_mb": peak_memory_mb(device),
-            }
-        )
-        write_json(
-            paths.results_path(args.dataset, args.method, args.ipc),
-            {
-                **summary,
-                "eval_seconds": seconds,
-                "protocol_hash": phash,
-                "mlflow_run_id": mlflow.active_run().info.run_id,
-                "per_seed": {
-                    str(s): {k: r[k] for k in ("top1", "top5", "best_top1", "best_epoch")}
-                    for s, r in per_seed.items()
-                },
-            },
-        )
+        for seed in plan.seeds:
+            per_seed[seed.eval_seed] = result = evaluate_seed(
+                plan, seed, data=data, synthetic=synthetic, teacher=teacher,
+                labels_dir=labels_dir, device=device, validate=validate, progress=stage.progress,
+            )  # fmt: skip
+            log_seed(mlflow, seed.eval_seed, result)
+        summary, seconds = summarise(per_seed), time.perf_counter() - start
+        cost = {"eval_seconds": seconds, "peak_mem_mb": peak_memory_mb(device)}
+        mlflow.log_metrics({**{k: float(v) for k, v in summary.items()}, **cost})
+        record = results_record(summary, per_seed, protocol_hash=plan.hash, seconds=seconds)
+        out = paths.results_path(args.dataset, args.method, args.ipc)
+        write_json(out, {**record, "mlflow_run_id": run_id(mlflow)})
 
 
 if __name__ == "__main__":

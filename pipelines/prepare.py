@@ -10,32 +10,20 @@ from __future__ import annotations
 
 import time
 
-from pipelines.common import base_parser, load_checked, run_main, stage_tags
+from pipelines.common import open_stage, run_main
 from wmdd import paths
 from wmdd.config import flatten
 from wmdd.data.prepare import prepare_dataset
-from wmdd.tracking.runs import stage_run
-from wmdd.utils import atomic_dir, resolve_device
+from wmdd.utils import atomic_dir
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = base_parser(__doc__).parse_args(argv)
-    params = load_checked(args.params)
-    profile = params.profile(args.dataset)
-    device = resolve_device("cpu")
-    out = paths.data_dir(args.dataset)
-    with stage_run(
-        experiment=params.benchmark.experiment,
-        stage="prepare",
-        run_name=f"prepare/{args.dataset}",
-        tags=stage_tags(args, profile),
-        params=flatten(profile.data, "data."),
-        inputs=[],
-        device=device,
-    ) as mlflow:
+    stage = open_stage("prepare", __doc__, argv, device="cpu")
+    data_cfg = stage.profile.data
+    with stage.tracked(params=flatten(data_cfg, "data."), inputs=[]) as mlflow:
         start = time.perf_counter()
-        with atomic_dir(out) as tmp:
-            manifest = prepare_dataset(profile.data, tmp, progress=not args.no_progress)
+        with atomic_dir(paths.data_dir(stage.args.dataset)) as tmp:
+            manifest = prepare_dataset(data_cfg, tmp, progress=stage.progress)
         counts = manifest["counts"]
         mlflow.log_metrics(
             {

@@ -1,28 +1,44 @@
 """The method registry, assembled here so that ``wmdd`` never imports ``baselines``.
 
 A method is a callable ``fn(*, teacher, data, classes, ipc, config, seed, device, progress)
--> SyntheticSet`` (see DESIGN.md, "A method") plus a frozen config dataclass that its
+-> SyntheticSet`` (see the README, "Adding a method") plus a frozen config dataclass that its
 ``methods.<name>`` section in ``params.yaml`` is parsed into. A section may carry
 ``overrides: {<profile>: {...}}`` with per-dataset values (the papers used different
 settings per dataset); they are merged over the defaults before strict parsing.
+
+Methods are resolved lazily, by name: the registry holds the *module path* of each method,
+and :func:`get_method` imports that module only when a stage asks for the method. A stage
+therefore loads the code it runs and nothing else (``prepare`` never imports POT, a
+``distill`` of ``random`` never imports the synthesis loop), which is what lets
+``dvc.yaml`` list narrow, honest code dependencies (``tests/test_stage_deps.py``).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from baselines.dm import DMConfig, dm
-from baselines.herding import HerdingConfig, herding
-from baselines.random_subset import RandomConfig, random_subset
-from baselines.sre2l import SRe2LConfig, sre2l
 from wmdd.config import ConfigError, Params, from_dict
-from wmdd.method.distill import WMDDConfig, wmdd_distill
+
+
+@dataclass(frozen=True)
+class MethodRef:
+    """Where a method lives, without importing it."""
+
+    module: str  # importable module path, e.g. "baselines.dm"
+    fn: str  # the method function's name in that module
+    config: str  # its frozen config dataclass's name in that module
+    needs_teacher: bool  # whether the distill stage must load the teacher
+    description: str  # one line for reports and --help
+    defaults: dict[str, Any] = field(default_factory=dict)  # fixed values of a named variant
 
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A resolved method: its function and config class, imported."""
+
     name: str  # registry key and params section name
     fn: Callable[..., Any]  # the method
     config_cls: type  # its frozen config dataclass
@@ -31,56 +47,67 @@ class MethodSpec:
     defaults: dict[str, Any] = field(default_factory=dict)  # fixed values of a named variant
 
 
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in [
-        MethodSpec(
-            "random", random_subset, RandomConfig, False, "random real subset (seeded, per class)"
-        ),
-        MethodSpec(
-            "wmdd",
-            wmdd_distill,
-            WMDDConfig,
-            True,
-            "WMDD: Wasserstein barycenters + per-class BN matching (Liu et al.)",
-        ),
-        MethodSpec(
-            "sre2l",
-            sre2l,
-            SRe2LConfig,
-            True,
-            "SRe2L: CE + global BN matching, one image per class per batch (Yin et al.)",
-        ),
-        MethodSpec(
-            "dm",
-            dm,
-            DMConfig,
-            False,
-            "DM: class-mean matching in random ConvNet embeddings (Zhao & Bilen)",
-        ),
-        MethodSpec(
-            "dm_teacher",
-            dm,
-            DMConfig,
-            True,
-            "DM's loss in the pretrained teacher's feature space (WMDD's MMD ablation)",
-            defaults={"feature_space": "teacher"},
-        ),
-        MethodSpec(
-            "herding",
-            herding,
-            HerdingConfig,
-            True,
-            "herding: greedy real images keeping the running feature mean closest",
-        ),
-    ]
+METHODS: dict[str, MethodRef] = {
+    "random": MethodRef(
+        "baselines.random_subset",
+        "random_subset",
+        "RandomConfig",
+        False,
+        "random real subset (seeded, per class)",
+    ),
+    "wmdd": MethodRef(
+        "wmdd.method.distill",
+        "wmdd_distill",
+        "WMDDConfig",
+        True,
+        "WMDD: Wasserstein barycenters + per-class BN matching (Liu et al.)",
+    ),
+    "sre2l": MethodRef(
+        "baselines.sre2l",
+        "sre2l",
+        "SRe2LConfig",
+        True,
+        "SRe2L: CE + global BN matching, one image per class per batch (Yin et al.)",
+    ),
+    "dm": MethodRef(
+        "baselines.dm",
+        "dm",
+        "DMConfig",
+        False,
+        "DM: class-mean matching in random ConvNet embeddings (Zhao & Bilen)",
+    ),
+    "dm_teacher": MethodRef(
+        "baselines.dm",
+        "dm",
+        "DMConfig",
+        True,
+        "DM's loss in the pretrained teacher's feature space (WMDD's MMD ablation)",
+        defaults={"feature_space": "teacher"},
+    ),
+    "herding": MethodRef(
+        "baselines.herding",
+        "herding",
+        "HerdingConfig",
+        True,
+        "herding: greedy real images keeping the running feature mean closest",
+    ),
 }
 
 
 def get_method(name: str) -> MethodSpec:
+    """Imports method ``name``'s module and returns its resolved spec."""
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    ref = METHODS[name]
+    module = importlib.import_module(ref.module)
+    return MethodSpec(
+        name=name,
+        fn=getattr(module, ref.fn),
+        config_cls=getattr(module, ref.config),
+        needs_teacher=ref.needs_teacher,
+        description=ref.description,
+        defaults=dict(ref.defaults),
+    )
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -122,8 +149,15 @@ def method_config(params: Params, method: str, profile: str) -> Any:
     return from_dict(spec.config_cls, merged, path=where)
 
 
+def validate_method(params: Params, method: str) -> None:
+    """Parses ``methods.<method>`` for every profile, so a typo in any profile's override
+    fails before the method runs."""
+    for profile in params.datasets:
+        method_config(params, method, profile)
+
+
 def validate_methods(params: Params) -> None:
-    """Parses every method section for every profile, so a typo fails before any work."""
+    """Parses every method section for every profile (imports every method's module: for
+    ``python -m pipelines.check``, not for stages)."""
     for method in params.methods:
-        for profile in params.datasets:
-            method_config(params, method, profile)
+        validate_method(params, method)

@@ -4,6 +4,7 @@
 #   bash scripts/run.sh -S 'benchmark.ipcs=[1,10,50]'   # any `dvc exp run` arguments
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+python -m pipelines.check     # every params section parses (fails in seconds, naming the key)
 if [ "$#" -eq 0 ]; then
   dvc repro
 else

@@ -10,8 +10,11 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch import Tensor, nn
 
 from wmdd.data.prepared import PreparedData
+from wmdd.models.registry import create_model
+from wmdd.utils import seeded_init
 
 
 @contextlib.contextmanager
@@ -71,3 +74,40 @@ def tiny_prepared(
         val_x=val_x,
         val_y=val_y,
     )
+
+
+def tiny_teacher(
+    num_classes: int = 4,
+    in_chans: int = 3,
+    res: int = 8,
+    *,
+    name: str = "tiny_cnn",
+    seed: int = 0,
+    running_stats: float | None = None,
+    calibrate: Tensor | None = None,
+    **kwargs,
+) -> nn.Module:
+    """A frozen teacher in eval mode, built through the model registry from ``seed``.
+
+    Args:
+        running_stats: give every BN layer seeded random running statistics (means
+            ``running_stats * N(0, 1)``, variances ``U(0.5, 1.5)``) instead of the defaults.
+        calibrate: images (normalised) forwarded three times in train mode first, so the
+            running statistics are the data's (what a trained teacher's BN layers hold).
+        **kwargs: architecture options of ``name``.
+    """
+    with seeded_init(seed):
+        model = create_model(
+            name, num_classes=num_classes, in_chans=in_chans, resolution=res, **kwargs
+        )
+    if running_stats is not None:
+        g = torch.Generator().manual_seed(seed + 1)
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.copy_(running_stats * torch.randn(bn.num_features, generator=g))
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+    if calibrate is not None:
+        with torch.no_grad():
+            model.train()
+            for _ in range(3):
+                model(calibrate)
+    return model.eval().requires_grad_(False)

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import torch_threads
 from torch.testing import assert_close
 
 from wmdd.augment.views import (
@@ -20,12 +19,6 @@ from wmdd.augment.views import (
     sample_cutmix,
     sample_flips,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_prepared
+from helpers import tiny_prepared, tiny_teacher
 from torch.testing import assert_close
 
 from baselines.herding import HerdingConfig, herding, herding_select
-from wmdd.models.registry import create_model
-from wmdd.utils import seeded_init
 
 CPU = torch.device("cpu")
 
 
 def _teacher() -> torch.nn.Module:
-    with seeded_init(0):
-        model = create_model("tiny_cnn", num_classes=4, in_chans=3, resolution=8)
-    return model.eval().requires_grad_(False)
+    return tiny_teacher(res=8)
 
 
 @pytest.mark.parametrize("feature_batch_size", [5, 256])

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import torch_threads
+from helpers import tiny_teacher
 from PIL import Image
 from torch import nn
 
@@ -33,10 +33,9 @@ from wmdd.data.imagenet import index_imagenet
 from wmdd.data.lazy import CorruptImageError, load_lazy, make_loader
 from wmdd.data.prepare import prepare_dataset
 from wmdd.method.distill import WMDDConfig
-from wmdd.models.registry import create_model
-from wmdd.protocol.runner import split_validator
+from wmdd.models.accuracy import split_validator
 from wmdd.synthesis.loop import SynthesisConfig
-from wmdd.utils import read_json, seeded_init
+from wmdd.utils import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -88,15 +87,7 @@ def _cached_copy(lazy: LazySplitSet) -> PreparedData:
 
 
 def _teacher() -> nn.Module:
-    with seeded_init(0):
-        model = create_model(
-            TEACHER.name, num_classes=len(WNIDS), in_chans=3, resolution=RES, **TEACHER.kwargs
-        )
-    g = torch.Generator().manual_seed(1)
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-        bn.running_mean.copy_(0.1 * torch.randn(bn.num_features, generator=g))
-        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
-    return model.requires_grad_(False).eval()
+    return tiny_teacher(len(WNIDS), 3, RES, name=TEACHER.name, running_stats=0.1, **TEACHER.kwargs)
 
 
 SYNTH = SynthesisConfig(iterations=2, lr=0.1, batch_budget=2, jitter=(-1, 1), init="noise")
@@ -120,20 +111,19 @@ def test_method_gives_the_same_set_lazy_or_cached(lazy_dir: Path, method: str) -
     cached = _cached_copy(lazy)
     spec = get_method(method.removesuffix("_real_init"))
     results = []
-    with torch_threads(1):
-        for data in (lazy, cached):
-            results.append(
-                spec.fn(
-                    teacher=_teacher(),
-                    data=data,
-                    classes=range(2, 4),
-                    ipc=2,
-                    config=CONFIGS[method],
-                    seed=5,
-                    device=CPU,
-                    progress=False,
-                )
+    for data in (lazy, cached):
+        results.append(
+            spec.fn(
+                teacher=_teacher(),
+                data=data,
+                classes=range(2, 4),
+                ipc=2,
+                config=CONFIGS[method],
+                seed=5,
+                device=CPU,
+                progress=False,
             )
+        )
     got, want = results
     assert got.images.shape == (4, 3, RES, RES)
     assert torch.equal(got.images, want.images)
@@ -167,9 +157,8 @@ def test_split_validator_lazy_equals_cached(lazy_dir: Path, batch_size: int) -> 
     lazy = load_lazy(lazy_dir, resolution=RES, workers=0)
     cached = _cached_copy(lazy)
     model = _teacher()
-    with torch_threads(1):
-        got = split_validator(lazy, device=CPU)(model, batch_size)
-        want = split_validator(cached, device=CPU)(model, batch_size)
+    got = split_validator(lazy, device=CPU)(model, batch_size)
+    want = split_validator(cached, device=CPU)(model, batch_size)
     assert got == want
     assert 0.0 <= got.top1 <= got.top5 <= 100.0
 
@@ -236,21 +225,20 @@ def test_stages_run_on_a_lazy_profile(tmp_path: Path, monkeypatch) -> None:
     torch.save(_teacher().state_dict(), tmp_path / "weights.pth")
     params = str(_params(tmp_path, source, tmp_path / "weights.pth"))
     common = ["--dataset", "lazy", "--params", params, "--no-progress"]
-    with torch_threads(1):
-        prepare.main(common)
-        assert read_json(tmp_path / "data/lazy/manifest.json")["lazy"] is True
-        assert not (tmp_path / "data/lazy/data.pt").exists()
-        teacher.main(common)
-        for method in ("random", "wmdd"):
-            cell = [*common, "--method", method, "--ipc", "1"]
-            distill.main(cell)
-            relabel.main(cell)
-            evaluate.main(cell)
-            diagnose.main([a for a in cell if a != "--no-progress"])
-            result = read_json(tmp_path / f"results/lazy/{method}/ipc1/metrics.json")
-            assert result["n"] == 1 and 0.0 <= result["top1_mean"] <= 100.0
-            stats = read_json(tmp_path / f"results/lazy/{method}/ipc1/diagnostics.json")
-            assert stats["images"] == 4
+    prepare.main(common)
+    assert read_json(tmp_path / "data/lazy/manifest.json")["lazy"] is True
+    assert not (tmp_path / "data/lazy/data.pt").exists()
+    teacher.main(common)
+    for method in ("random", "wmdd"):
+        cell = [*common, "--method", method, "--ipc", "1"]
+        distill.main(cell)
+        relabel.main(cell)
+        evaluate.main(cell)
+        diagnose.main([a for a in cell if a != "--no-progress"])
+        result = read_json(tmp_path / f"results/lazy/{method}/ipc1/metrics.json")
+        assert result["n"] == 1 and 0.0 <= result["top1_mean"] <= 100.0
+        stats = read_json(tmp_path / f"results/lazy/{method}/ipc1/diagnostics.json")
+        assert stats["images"] == 4
     # The teacher stage scored the loaded weights on the lazy val split: the same accuracy
     # as the weights on the same images cached as tensors.
     teacher_metrics = read_json(tmp_path / "models/lazy/metrics.json")

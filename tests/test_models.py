@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from helpers import tiny_prepared, torch_threads
+from helpers import tiny_prepared
 from torch import nn
 from torch.testing import assert_close
 
@@ -30,12 +30,6 @@ FEATURE_DIMS = {
     "timm": lambda res: 512,
     "tiny_cnn": lambda res: 8,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 def test_registry_contents() -> None:

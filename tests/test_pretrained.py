@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import tiny_prepared, torch_threads
+from helpers import tiny_prepared
 from torch import nn
 from torch.testing import assert_close
 
@@ -38,12 +38,6 @@ from wmdd.models.teacher import save_teacher
 TV_SPEC = "torchvision:resnet18.IMAGENET1K_V1"
 TV_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 TV_NAME = "resnet18-f37072fd.pth"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(autouse=True)

@@ -7,23 +7,21 @@ import inspect
 
 import pytest
 import torch
-from helpers import tiny_prepared, torch_threads
+from helpers import tiny_prepared, tiny_teacher
 from torch.testing import assert_close
 
 from wmdd.config import HardProtocolConfig, ModelConfig, ProtocolConfig, SoftProtocolConfig
+from wmdd.models.accuracy import split_validator
+from wmdd.models.optim import weight_decay_groups
 from wmdd.models.registry import create_model
 from wmdd.protocol.hard import train_student_hard
-from wmdd.protocol.runner import split_validator
+from wmdd.protocol.plan import protocol_hash, protocol_plan, student_seed, view_seed
+from wmdd.protocol.runner import build_student
 from wmdd.protocol.soft import (
     OnlineLabels,
     StoredLabels,
-    _adamw,
-    build_student,
     kd_loss,
     plan_epoch,
-    protocol_hash,
-    relabel_seed,
-    student_seed,
     train_student_soft,
 )
 from wmdd.utils import derive_seed
@@ -31,12 +29,6 @@ from wmdd.utils import derive_seed
 CPU = torch.device("cpu")
 RES = 16
 K = 4  # classes
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 def _cfg(**kw) -> SoftProtocolConfig:
@@ -57,12 +49,8 @@ def _cfg(**kw) -> SoftProtocolConfig:
 
 @pytest.fixture(scope="module")
 def teacher() -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = create_model("tiny_cnn", num_classes=K, in_chans=3, resolution=RES, width=4)
-        with torch.no_grad():  # non-default BN running statistics
-            model.train()(torch.randn(16, 3, RES, RES))
-    return model.eval()
+    calibration = torch.randn(16, 3, RES, RES, generator=torch.Generator().manual_seed(0))
+    return tiny_teacher(K, 3, RES, width=4, calibrate=calibration)  # non-default BN stats
 
 
 def _images(n: int, seed: int = 0) -> torch.Tensor:
@@ -284,7 +272,7 @@ def test_build_student_is_seeded_and_leaves_global_rng_alone() -> None:
 
 def test_adamw_decays_only_matrices_and_kernels() -> None:
     model = create_model("tiny_cnn", num_classes=K, in_chans=3, resolution=RES, width=4)
-    opt = _adamw(model, lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(weight_decay_groups(model, 0.01), lr=1e-3)
     assert isinstance(opt, torch.optim.AdamW)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
@@ -359,17 +347,48 @@ def test_protocol_hash() -> None:
 
 
 def test_relabel_and_student_seeds() -> None:
-    assert set(inspect.signature(relabel_seed).parameters) == {
+    assert set(inspect.signature(view_seed).parameters) == {
         "base_seed",
         "profile",
         "ipc",
         "eval_seed",
     }
-    assert relabel_seed(0, "digits", 10, 1) == derive_seed(0, "digits", 10, "relabel", 1)
-    seeds = {relabel_seed(0, "digits", 10, e) for e in range(5)}
+    assert view_seed(0, "digits", 10, 1) == derive_seed(0, "digits", 10, "relabel", 1)
+    seeds = {view_seed(0, "digits", 10, e) for e in range(5)}
     assert len(seeds) == 5
-    assert relabel_seed(0, "digits", 10, 0) != relabel_seed(0, "digits", 1, 0)
-    assert relabel_seed(0, "digits", 10, 0) != relabel_seed(1, "digits", 10, 0)
-    assert relabel_seed(0, "digits", 10, 0) != relabel_seed(0, "cifar10", 10, 0)
-    assert relabel_seed(0, "digits", 10, 0) != student_seed(0, "digits", 10, 0)
-    assert 0 <= relabel_seed(0, "digits", 10, 0) < 2**63
+    assert view_seed(0, "digits", 10, 0) != view_seed(0, "digits", 1, 0)
+    assert view_seed(0, "digits", 10, 0) != view_seed(1, "digits", 10, 0)
+    assert view_seed(0, "digits", 10, 0) != view_seed(0, "cifar10", 10, 0)
+    assert view_seed(0, "digits", 10, 0) != student_seed(0, "digits", 10, 0)
+    assert 0 <= view_seed(0, "digits", 10, 0) < 2**63
+
+
+def test_plan_decides_the_protocol_once() -> None:
+    """Soft/stored, soft/online and hard plans: what each stage loads, and the seeds."""
+    stored = protocol_plan(_protocol(), profile="digits", ipc=10, eval_seeds=(0, 2), base_seed=0)
+    assert (stored.kind, stored.mode, stored.stores_labels) == ("soft", "stored", True)
+    assert stored.relabel_needs_teacher and not stored.evaluate_needs_teacher
+    assert [s.eval_seed for s in stored.seeds] == [0, 2]
+    assert stored.seeds[1].view_seed == view_seed(0, "digits", 10, 2)
+    assert stored.seeds[1].student_seed == student_seed(0, "digits", 10, 2)
+    assert stored.hash == protocol_hash(_protocol(), eval_seeds=(0, 2), base_seed=0)
+    online = protocol_plan(
+        _protocol(relabel_mode="online"), profile="digits", ipc=10, eval_seeds=(0,), base_seed=0
+    )
+    assert (online.mode, online.stores_labels) == ("online", False)
+    assert online.evaluate_needs_teacher and not online.relabel_needs_teacher
+    hard_cfg = HardProtocolConfig(student=ModelConfig("convnet", {"width": 8, "depth": 2}))
+    hard = protocol_plan(
+        ProtocolConfig(kind="hard", soft=_protocol().soft, hard=hard_cfg),
+        profile="digits",
+        ipc=10,
+        eval_seeds=(0,),
+        base_seed=0,
+    )
+    assert (hard.mode, hard.stores_labels, hard.evaluate_needs_teacher) == (None, False, False)
+    assert hard.hard is hard_cfg
+    with pytest.raises(ValueError, match="not 'soft'"):
+        _ = hard.soft
+    params = hard.mlflow_params()
+    assert params["protocol.kind"] == "hard" and params["protocol.epochs"] == hard_cfg.epochs
+    assert not any(k.startswith("protocol.soft") or "temperature" in k for k in params)

@@ -28,7 +28,6 @@ from PIL import Image
 from scipy import stats
 
 from pipelines.common import run_main
-from pipelines.report import copy_grids
 from pipelines.report import main as report_main
 from wmdd import paths
 from wmdd.config import load_params
@@ -41,6 +40,7 @@ from wmdd.report.benchmark import (
     PUBLISHED_SOURCE,
     ReportError,
     collect_cells,
+    copy_grids,
     render_markdown,
     results_frame,
     welch,

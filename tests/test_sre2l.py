@@ -5,31 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_prepared
+from helpers import tiny_prepared, tiny_teacher
 from torch import Tensor, nn
 from torch.testing import assert_close
 
 from baselines import sre2l as sre2l_module
 from baselines.sre2l import SRe2LConfig, sre2l, sre2l_bn_loss, sre2l_loss
 from wmdd.data.prepared import PreparedData
-from wmdd.models.registry import create_model
 from wmdd.synthesis.bn_stats import BNInputRecorder, global_bn_stats
 from wmdd.synthesis.loop import SynthBatch, SynthesisConfig
-from wmdd.utils import seeded_init
 
 CPU = torch.device("cpu")
 
 
 def _teacher(data: PreparedData | None = None) -> nn.Module:
     """tiny_cnn whose BN running stats were accumulated on the (normalised) real images."""
-    with seeded_init(0):
-        model = create_model("tiny_cnn", num_classes=4, in_chans=3, resolution=8)
-    if data is not None:
-        with torch.no_grad():
-            model.train()
-            for _ in range(3):
-                model(data.normalize(data.train_x))
-    return model.eval().requires_grad_(False)
+    return tiny_teacher(res=8, calibrate=None if data is None else data.normalize(data.train_x))
 
 
 def _bn_inputs(model: nn.Module, x: Tensor) -> list[Tensor]:

@@ -60,12 +60,22 @@ def test_wrong_type_names_key_and_expectation(in_tmp: Path) -> None:
         prepare.main(["--dataset", "digits", "--params", str(path)])
 
 
-def test_cli_exits_2_with_one_clear_line(in_tmp: Path) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["pipelines.check"],
+        ["pipelines.distill", "--dataset", "digits", "--method", "random", "--ipc", "1"],
+    ],
+    ids=["check", "distill"],
+)
+def test_cli_exits_2_with_one_clear_line(in_tmp: Path, command: list[str]) -> None:
+    """A typo in a method section: `check` and the method's own distill stage both refuse it
+    before any work (no data is prepared here), in one line, exit code 2."""
     path = _write_params(in_tmp, lambda p: p["methods"]["random"].update(draws=1))
     env = {k: v for k, v in os.environ.items() if k != "WMDD_TRACEBACK"}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.prepare", "--dataset", "digits", "--params", str(path)],
+        [sys.executable, "-m", *command, "--params", str(path)],
         cwd=in_tmp,
         env=env,
         capture_output=True,
@@ -75,6 +85,20 @@ def test_cli_exits_2_with_one_clear_line(in_tmp: Path) -> None:
     assert proc.returncode == 2
     assert "methods.random" in proc.stderr and "'draws'" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (in_tmp / "mlflow.db").exists(), "no MLflow run for a config error"
+
+
+def test_check_accepts_the_committed_params() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.check"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "methods parse" in proc.stderr
 
 
 def test_missing_dataset_path(in_tmp: Path) -> None:

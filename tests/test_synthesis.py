@@ -13,17 +13,16 @@ from wmdd.data.prepared import PreparedData
 from wmdd.synthesis.loop import (
     SynthBatch,
     SynthesisConfig,
-    augment_batch,
+    batch_views,
     check_aligned,
     class_batches,
-    cosine_lr,
     default_jitter,
     pixel_maps,
     real_image_init,
     slot_batches,
     synthesize,
 )
-from wmdd.utils import generator
+from wmdd.utils import cosine_factor, generator
 
 CPU = torch.device("cpu")
 SHAPE = (2, 8, 8)
@@ -98,9 +97,13 @@ def test_default_jitter_matches_the_published_conventions() -> None:
     assert default_jitter(16) == (-1, 1)
 
 
-def test_cosine_lr() -> None:
-    assert cosine_lr(0.25, 0, 10) == 0.25
-    assert math.isclose(cosine_lr(0.25, 5, 10), 0.125)
+def test_cosine_factor() -> None:
+    assert cosine_factor(0, 10) == 1.0
+    assert math.isclose(cosine_factor(5, 10), 0.5)
+    assert math.isclose(cosine_factor(10, 10), 0.0, abs_tol=1e-12)
+    # The synthesis loop's lr = base * factor equals the published 0.5 * base * (1 + cos).
+    for t in range(7):
+        assert 0.25 * cosine_factor(t, 7) == 0.5 * 0.25 * (1.0 + math.cos(math.pi * t / 7))
 
 
 def test_check_ipc_names_the_short_class() -> None:
@@ -229,7 +232,7 @@ def test_output_sorted_by_class_and_slot_for_the_slot_layout() -> None:
 def test_one_augmentation_draw_for_the_whole_batch() -> None:
     cfg = SynthesisConfig(crop_scale=(0.2, 0.6), flip=True, jitter=(-2, 2))
     one = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(0))
-    out = augment_batch(one.expand(5, *SHAPE).contiguous(), cfg, torch.Generator().manual_seed(1))
+    out = batch_views(one.expand(5, *SHAPE).contiguous(), cfg, torch.Generator().manual_seed(1))
     assert_close(out, out[:1].expand_as(out))  # identical inputs -> identical outputs
     assert not torch.allclose(out[0], one[0])
 

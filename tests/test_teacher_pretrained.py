@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_prepared, torch_threads
+from helpers import tiny_prepared
 
 from wmdd.config import ModelConfig, TeacherConfig
 from wmdd.models.pretrained import PretrainedLoadError
@@ -25,26 +25,24 @@ def _cfg(spec: str, **model_kwargs) -> TeacherConfig:
 
 def test_pretrained_teacher_loads_file_strictly(tmp_path: Path) -> None:
     data = tiny_prepared(num_classes=3, res=16)
-    with torch_threads(1):
-        torch.manual_seed(0)
-        source = build_teacher(_cfg("").model, data).eval()
-        torch.save(source.state_dict(), tmp_path / "w.pth")
-        model, info = pretrained_teacher(
-            _cfg(f"file:{tmp_path / 'w.pth'}"), data, device=torch.device("cpu")
-        )
-        x = data.normalize(data.val_x)
-        assert torch.equal(model(x), source(x))
+    torch.manual_seed(0)
+    source = build_teacher(_cfg("").model, data).eval()
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    model, info = pretrained_teacher(
+        _cfg(f"file:{tmp_path / 'w.pth'}"), data, device=torch.device("cpu")
+    )
+    x = data.normalize(data.val_x)
+    assert torch.equal(model(x), source(x))
     assert not model.training
     assert info.path == (tmp_path / "w.pth").resolve() and len(info.sha256) == 64
 
 
 def test_pretrained_teacher_with_other_classes_fails(tmp_path: Path) -> None:
-    with torch_threads(1):
-        source = build_teacher(_cfg("").model, tiny_prepared(num_classes=5, res=16))
-        torch.save(source.state_dict(), tmp_path / "w.pth")
-        with pytest.raises(PretrainedLoadError, match="classifier"):
-            pretrained_teacher(
-                _cfg(f"file:{tmp_path / 'w.pth'}"),
-                tiny_prepared(num_classes=3, res=16),
-                device=torch.device("cpu"),
-            )
+    source = build_teacher(_cfg("").model, tiny_prepared(num_classes=5, res=16))
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(PretrainedLoadError, match="classifier"):
+        pretrained_teacher(
+            _cfg(f"file:{tmp_path / 'w.pth'}"),
+            tiny_prepared(num_classes=3, res=16),
+            device=torch.device("cpu"),
+        )

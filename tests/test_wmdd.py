@@ -6,21 +6,21 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import tiny_teacher
 from torch import Tensor, nn
 from torch.testing import assert_close
 
 from wmdd.config import ConfigError, from_dict
 from wmdd.data.prepared import PreparedData
-from wmdd.method.distill import (
-    WMDDConfig,
+from wmdd.method.config import WMDDConfig
+from wmdd.method.distill import wmdd_distill
+from wmdd.method.loss import (
     WMDDTargets,
     bn_matching_loss,
     grouped_channel_stats,
     teacher_forward,
-    wmdd_distill,
     wmdd_loss,
 )
-from wmdd.models.registry import create_model
 from wmdd.synthesis.bn_stats import (
     BNInputRecorder,
     BNStats,
@@ -28,7 +28,6 @@ from wmdd.synthesis.bn_stats import (
     per_class_bn_stats,
 )
 from wmdd.synthesis.loop import SynthBatch, SynthesisConfig, class_batches
-from wmdd.utils import seeded_init
 
 CPU = torch.device("cpu")
 NUM_CLASSES, PER_CLASS, RES = 4, 10, 8
@@ -52,14 +51,7 @@ def _data() -> PreparedData:
 
 
 def _teacher() -> nn.Module:
-    with seeded_init(0):
-        model = create_model("tiny_cnn", num_classes=NUM_CLASSES, in_chans=1, resolution=RES)
-    g = torch.Generator().manual_seed(1)
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
-        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
-    model.requires_grad_(False)
-    return model.eval()
+    return tiny_teacher(NUM_CLASSES, 1, RES, running_stats=1.0)
 
 
 def _config(iterations: int = 2, **overrides) -> WMDDConfig:

@@ -228,7 +228,7 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class SoftProtocolConfig:
-    """The soft-label relabel + evaluation protocol (PROTOCOL.md, primary)."""
+    """The soft-label relabel + evaluation protocol (primary; README "The protocol")."""
 
     student: ModelConfig  # the dataset's evaluation model, trained from scratch
     epochs: int = 300  # relabel/student epochs E
@@ -248,7 +248,7 @@ class SoftProtocolConfig:
 
 @dataclass(frozen=True)
 class HardProtocolConfig:
-    """The hard-label protocol of the DC/DSA/DM lineage (PROTOCOL.md, secondary)."""
+    """The hard-label protocol of the DC/DSA/DM lineage (secondary; README "The protocol")."""
 
     student: ModelConfig  # a fresh ConvNet, depth by resolution
     epochs: int = 1000  # training epochs

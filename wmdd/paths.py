@@ -38,3 +38,8 @@ def diagnostics_path(profile: str, method: str, ipc: int) -> Path:
 
 
 REPORTS = Path("reports")
+
+
+def stored_labels_path(labels_dir: Path, eval_seed: int) -> Path:
+    """The stored soft labels of one eval seed inside a ``labels/...`` directory."""
+    return labels_dir / f"seed{eval_seed}.pt"

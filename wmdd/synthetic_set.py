@@ -9,6 +9,8 @@ saved) is applied by :func:`jpeg_roundtrip` when a method asks for it.
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from wmdd.utils import atomic_dir, peak_memory_mb, reset_peak_memory, write_json
 
 SET_FILE = "set.pt"
 AUX_FILE = "aux.pt"
@@ -105,3 +109,50 @@ def preview_grid(
             tile = tile.resize((side * scale, side * scale), Image.Resampling.NEAREST)
             canvas.paste(tile, (c * cell + 1, r * cell + 1))
     return canvas
+
+
+def parse_class_range(spec: str | None, num_classes: int) -> range:
+    """``"a:b"`` -> ``range(a, b)`` (all classes for ``None`` or ``""``), checked."""
+    if not spec:
+        return range(num_classes)
+    try:
+        lo, hi = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--classes: expected 'a:b', got {spec!r}") from None
+    if not 0 <= lo < hi <= num_classes:
+        raise ValueError(f"--classes {spec}: expected 0 <= a < b <= {num_classes}")
+    return range(lo, hi)
+
+
+def run_method(
+    fn: Callable[..., SyntheticSet], *, device: torch.device, **kwargs: Any
+) -> tuple[SyntheticSet, dict[str, float]]:
+    """Runs a method and measures it: ``(set, metrics)`` with ``distill_seconds``,
+    ``peak_mem_mb``, ``images``, ``images_per_second`` and the method's own phase timings
+    (``aux["timings"]``, popped) as ``time_<phase>_seconds``."""
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    synthetic = fn(device=device, **kwargs)
+    seconds = time.perf_counter() - start
+    timings = synthetic.aux.pop("timings", {})
+    return synthetic, {
+        **{f"time_{k}_seconds": float(v) for k, v in timings.items()},
+        "distill_seconds": seconds,
+        "peak_mem_mb": peak_memory_mb(device),
+        "images": len(synthetic.labels),
+        "images_per_second": len(synthetic.labels) / max(seconds, 1e-9),
+    }
+
+
+def save_distilled(out: Path, synthetic: SyntheticSet, data: Any, *, meta: dict) -> Path:
+    """Writes a distill stage's output directory atomically: ``set.pt``, ``aux.pt`` (if the
+    method returned side outputs), ``preview.png`` and ``meta.json``; returns the preview's
+    path. ``data`` supplies ``denormalize`` and ``num_classes``."""
+    grid = preview_grid(data.denormalize(synthetic.images), synthetic.labels, data.num_classes)
+    with atomic_dir(out) as tmp:
+        synthetic.save(tmp / SET_FILE)
+        if synthetic.aux:
+            torch.save(synthetic.aux, tmp / AUX_FILE)
+        grid.save(tmp / PREVIEW_FILE)
+        write_json(tmp / META_FILE, meta)
+    return out / PREVIEW_FILE

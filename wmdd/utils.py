@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -43,6 +44,13 @@ def generator(*keys: Any, device: torch.device | str = "cpu") -> torch.Generator
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(*keys))
     return g
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """:math:`\\frac{1}{2}(1 + \\cos(\\pi t / T))`: the one cosine schedule of the project (1 at
+    step 0, 0 at step ``total``), multiplied into a base learning rate per step (teacher,
+    synthesis) or per epoch (student)."""
+    return 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256", chunk_size: int = 1 << 20) -> str:

@@ -14,7 +14,7 @@ from wmdd.config import DataConfig
 from wmdd.data import load_prepared
 from wmdd.data.lazy import gather, load_lazy, make_loader
 from wmdd.data.prepare import prepare_dataset
-from wmdd.models.teacher import evaluate, evaluate_loader
+from wmdd.models.accuracy import evaluate, evaluate_loader
 
 WNIDS = {"n02000000": (250, 0, 0), "n01000000": (0, 250, 0), "n03000000": (0, 0, 250)}
 

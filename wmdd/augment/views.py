@@ -148,3 +148,16 @@ def random_roll(
     lo, hi = max_shift
     dy, dx = torch.randint(lo, hi + 1, (2,), generator=generator).tolist()
     return torch.roll(images, shifts=(dy, dx), dims=(-2, -1))
+
+
+def random_crop_flip(
+    x: Tensor, *, crop_scale: tuple[float, float], flip: bool, generator: torch.Generator
+) -> Tensor:
+    """Per-image RandomResizedCrop (+ a per-image flip) at the input resolution: the
+    teacher recipe's training views. (b, C, R, R) -> same."""
+    res = x.shape[-1]
+    boxes = sample_crop_boxes(len(x), res, res, scale=crop_scale, generator=generator)
+    x = resized_crops(x, boxes, res)
+    if flip:
+        x = apply_flips(x, sample_flips(len(x), generator=generator))
+    return x

@@ -9,7 +9,8 @@ Steps (each a named function; :func:`wmdd_distill` wires them):
    uniform support points; initial support seed ``derive_seed(seed, "barycenter", c)``.
 3. :func:`class_bn_targets`: per class and BN layer l, mean :math:`\mu_{l,c}` and biased variance
    :math:`\sigma^2_{l,c}` of the BN input over all of the class's real images and pixels.
-4. :func:`wmdd.synthesis.loop.synthesize` with :func:`class_batches` and :func:`wmdd_loss`: for a
+4. :func:`wmdd.synthesis.loop.synthesize` with :func:`class_batches` and
+   :func:`wmdd.method.loss.wmdd_loss`: for a
    batch holding classes :math:`c \in \mathcal{C}`, k images each, image m of class c tied by
    index to :math:`b_{c,m}`,
 
@@ -56,210 +57,27 @@ exactly that slice of the full run.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from wmdd.data.prepared import TrainingImages
 from wmdd.method.barycenter import class_barycenters, stack_supports
+from wmdd.method.config import WMDDConfig
+from wmdd.method.loss import WMDDTargets, teacher_forward, wmdd_loss
 from wmdd.synthesis.bn_stats import BNInputRecorder, BNStats, global_bn_stats, per_class_bn_stats
 from wmdd.synthesis.features import class_features
 from wmdd.synthesis.loop import (
-    SynthBatch,
-    SynthesisConfig,
     class_batches,
     synthesize_dataset,
 )
 from wmdd.synthetic_set import SyntheticSet
 from wmdd.utils import derive_seed
 
-__all__ = [
-    "WMDDConfig",
-    "WMDDTargets",
-    "bn_matching_loss",
-    "class_bn_targets",
-    "grouped_channel_stats",
-    "teacher_forward",
-    "wmdd_distill",
-    "wmdd_loss",
-]
-
-
-@dataclass(frozen=True)
-class WMDDConfig:
-    """WMDD settings; defaults are the published Imagenette configuration."""
-
-    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)  # the shared loop
-    lambda_bn: float = 10.0  # BN weight lambda (Imagenette 10, Tiny 300, ImageNet-1K 500)
-    feature_loss: Literal["wasserstein", "ce", "mmd"] = "wasserstein"  # feature term (ablation)
-    bn_target: Literal["per_class", "global"] = "per_class"  # BN target (ablation)
-    r_ce: float = 0.0  # extra CE weight (0 in every published run; official script default 1)
-    squared: bool = False  # square the feature and BN norms (paper's figure); official: False
-    bn_pooling: Literal["exact", "batch_mean"] = "exact"  # exact pooled stats vs official mean
-    weighted_barycenter: bool = False  # optimise barycenter weights too (paper: slightly worse)
-    feature_batch_size: int = 256  # images per forward when extracting features
-    bn_batch_size: int = 100  # images per forward for BN stats ("batch_mean" depends on it)
-
-    def __post_init__(self) -> None:
-        if self.lambda_bn < 0 or self.r_ce < 0:
-            raise ValueError(f"lambda_bn and r_ce must be >= 0, got {self.lambda_bn}, {self.r_ce}")
-        if self.feature_batch_size < 1 or self.bn_batch_size < 1:
-            raise ValueError("feature_batch_size and bn_batch_size must be >= 1")
-
-
-@dataclass(frozen=True)
-class WMDDTargets:
-    """Everything :func:`wmdd_loss` matches, for the class range ``first_class..``.
-
-    Row r of every tensor belongs to class ``first_class + r``.
-    """
-
-    first_class: int  # global index of row 0
-    bn: BNStats  # per layer (C_range, C_l) mean/var (global stats repeated per class)
-    barycenters: Tensor | None = None  # (C_range, k, D), for feature_loss="wasserstein"
-    class_means: Tensor | None = None  # (C_range, D), for feature_loss="mmd"
-
-
-def _class_groups(rows: Tensor) -> tuple[Tensor, int]:
-    """Target rows of the G class groups of a batch and the images per group.
-
-    A batch must hold its classes as contiguous runs of equal length (the
-    :func:`class_batches` layout); returns (G,) int64 rows on the CPU and m.
-    """
-    group_rows, counts = torch.unique_consecutive(rows.cpu(), return_counts=True)
-    if bool((counts != counts[0]).any()) or group_rows.unique().numel() != group_rows.numel():
-        raise ValueError(
-            "WMDD batches must hold each class as one contiguous run, all runs of equal length "
-            f"(the class_batches layout); got run lengths {counts.tolist()}"
-        )
-    return group_rows, int(counts[0])
-
-
-def grouped_channel_stats(z: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """Per-group channel mean and biased variance of a batch of G contiguous groups.
-
-    For group g (images ``g*m .. (g+1)*m - 1``) and channel ch, the statistics over the
-    group's m images x H x W, i.e. :func:`wmdd.synthesis.bn_stats.batch_channel_stats` of each group,
-    computed for all groups at once with a two-pass formula on a (G, m, C, H*W) view (no copy;
-    about 3x faster on CPU than one ``var_mean`` call per group or over permuted dimensions).
-
-    Args:
-        z: BN input (G * m, C, H, W), the images of a group contiguous.
-        groups: G.
-
-    Returns:
-        ``(mean, var)``, each (G, C); differentiable.
-    """
-    n, c = z.shape[:2]
-    zg = z.reshape(groups, n // groups, c, -1)  # (G, m, C, H*W)
-    mean = zg.mean(dim=(1, 3))  # (G, C)
-    var = (zg - mean[:, None, :, None]).square().mean(dim=(1, 3))  # (G, C), biased
-    return mean, var
-
-
-def _mean_norm(diff: Tensor, squared: bool) -> Tensor:
-    """Mean over rows of the row-wise L2 norm (or squared norm) of ``diff`` (G, C)."""
-    norms = diff.square().sum(dim=1) if squared else torch.linalg.vector_norm(diff, dim=1)
-    return norms.mean()
-
-
-def bn_matching_loss(
-    bn_inputs: Sequence[Tensor], targets: BNStats, rows: Tensor, *, squared: bool = False
-) -> Tensor:
-    """:math:`\\sum_l [\\mathrm{mean}_c \\lVert \\sigma^2_{l,c}(X) - \\sigma^2_{l,c} \\rVert_2
-    + \\mathrm{mean}_c \\lVert \\mu_{l,c}(X) - \\mu_{l,c} \\rVert_2]` (norms squared if asked).
-
-    Args:
-        bn_inputs: Recorded BN inputs, one (b, C_l, H_l, W_l) tensor per layer.
-        targets: Per-layer target rows (R, C_l), same layers and order as ``bn_inputs``.
-        rows: (b,) int64 target row of each image; classes contiguous, equal run lengths.
-        squared: Square the L2 norms (the paper's figure).
-
-    Returns:
-        Scalar loss (unweighted; :func:`wmdd_loss` multiplies by lambda).
-    """
-    group_rows, _ = _class_groups(rows)
-    total = bn_inputs[0].new_zeros(())
-    for z, mu_t, var_t in zip(bn_inputs, targets.mean, targets.var, strict=True):
-        idx = group_rows.to(mu_t.device)
-        mu, var = grouped_channel_stats(z, len(group_rows))  # (G, C_l) each
-        total = total + _mean_norm(var - var_t[idx], squared) + _mean_norm(mu - mu_t[idx], squared)
-    return total
-
-
-def _norm(diff: Tensor, squared: bool) -> Tensor:
-    """Frobenius norm of ``diff`` (or its square)."""
-    return diff.square().sum() if squared else torch.linalg.norm(diff.flatten())
-
-
-def _feature_term(
-    features: Tensor, logits: Tensor, batch: SynthBatch, targets: WMDDTargets, config: WMDDConfig
-) -> Tensor:
-    """The feature term of :func:`wmdd_loss` for ``config.feature_loss``."""
-    rows = (batch.classes - targets.first_class).to(features.device)  # (b,)
-    if config.feature_loss == "ce":
-        return F.cross_entropy(logits, batch.classes.to(logits.device))
-    if config.feature_loss == "wasserstein":
-        if targets.barycenters is None:
-            raise ValueError("feature_loss='wasserstein' needs targets.barycenters")
-        slots = batch.slots.to(features.device)
-        return _norm(features - targets.barycenters[rows, slots], config.squared)  # (b, D)
-    if targets.class_means is None:
-        raise ValueError("feature_loss='mmd' needs targets.class_means")
-    group_rows, m = _class_groups(rows)
-    means = features.reshape(len(group_rows), m, -1).mean(dim=1)  # (G, D)
-    return _norm(means - targets.class_means[group_rows.to(features.device)], config.squared)
-
-
-def wmdd_loss(
-    features: Tensor,
-    logits: Tensor,
-    bn_inputs: Sequence[Tensor],
-    batch: SynthBatch,
-    *,
-    targets: WMDDTargets,
-    config: WMDDConfig,
-) -> tuple[Tensor, dict[str, float]]:
-    """The WMDD synthesis loss of one augmented batch (see the module docstring).
-
-    Args:
-        features: :math:`\\phi` of the augmented batch, (b, D).
-        logits: Teacher logits of the same forward, (b, num_classes).
-        bn_inputs: BN inputs of the same forward, one (b, C_l, H_l, W_l) per layer.
-        batch: Classes and slots of the images (the :func:`class_batches` layout).
-        targets: Barycenters / class means and BN targets of the class range.
-        config: Loss weights and variants.
-
-    Returns:
-        ``(loss, {"feature", "bn", "ce", "total"})``; "ce" is the r_ce term's CE (0 when off).
-    """
-    feature = _feature_term(features, logits, batch, targets, config)
-    rows = batch.classes - targets.first_class  # (b,)
-    bn = bn_matching_loss(bn_inputs, targets.bn, rows, squared=config.squared)
-    loss = feature + config.lambda_bn * bn
-    ce = features.new_zeros(())
-    if config.r_ce > 0:
-        ce = F.cross_entropy(logits, batch.classes.to(logits.device))
-        loss = loss + config.r_ce * ce
-    parts = {"feature": feature, "bn": bn, "ce": ce, "total": loss}
-    return loss, {k: float(v.detach()) for k, v in parts.items()}
-
-
-def teacher_forward(
-    teacher: nn.Module, recorder: BNInputRecorder, x: Tensor
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """One teacher forward: (features (b, D), logits (b, num_classes), BN inputs per layer)."""
-    forward_features = cast(Callable[[Tensor], Tensor], teacher.forward_features)
-    forward_head = cast(Callable[[Tensor], Tensor], teacher.forward_head)
-    recorder.clear()
-    features = forward_features(x)  # (b, D)
-    logits = forward_head(features)  # (b, num_classes)
-    return features, logits, recorder.inputs
+__all__ = ["WMDDConfig", "class_bn_targets", "wmdd_distill"]
 
 
 def class_bn_targets(
@@ -433,16 +251,16 @@ def wmdd_distill(
     _check_inputs(teacher, data, classes, ipc, config)
     scfg = config.synthesis
     batches = class_batches(classes, ipc, scfg.batch_budget, num_classes=data.num_classes)
-    rng = range(int(batches[0].classes[0]), int(batches[-1].classes[-1]) + 1)
+    class_range = range(int(batches[0].classes[0]), int(batches[-1].classes[-1]) + 1)
     bary, means, timings = _feature_targets(
-        teacher, data, rng, ipc, config=config, seed=seed, device=device, progress=progress
+        teacher, data, class_range, ipc, config=config, seed=seed, device=device, progress=progress
     )
     bn_stats, timings["bn_stats"] = _bn_targets(
-        teacher, data, rng, config=config, device=device, progress=progress
+        teacher, data, class_range, config=config, device=device, progress=progress
     )
-    bn_rows = _repeat_rows(bn_stats, len(rng)) if config.bn_target == "global" else bn_stats
+    bn_rows = _repeat_rows(bn_stats, len(class_range)) if config.bn_target == "global" else bn_stats
     targets = WMDDTargets(
-        first_class=rng.start,
+        first_class=class_range.start,
         bn=bn_rows.to(device),
         barycenters=None if bary is None else bary.to(device),
         class_means=None if means is None else means.to(device),
@@ -461,7 +279,7 @@ def wmdd_distill(
         )
     timings["optimise"] = stats["optimise_seconds"]
     aux: dict[str, Any] = {
-        "classes": torch.tensor(list(rng)),
+        "classes": torch.tensor(list(class_range)),
         "bn_stats": _bn_state(bn_stats),
         "timings": timings,
         "synthesis": {k: v for k, v in stats.items() if k != "optimise_seconds"},

@@ -1,8 +1,8 @@
-"""Teacher training, evaluation and strict checkpoint I/O.
+"""Teacher training and strict checkpoint I/O.
 
-Recipe (PROTOCOL.md, the SRe2L/WMDD teachers): SGD with momentum and weight decay,
-learning rate cosine-decayed per step to 0, RandomResizedCrop + horizontal flip per image,
-cross-entropy. A checkpoint carries its own config (model name, options, classes,
+Recipe (the SRe2L / WMDD teachers: SGD 0.025, momentum 0.9, weight decay 1e-4 on weights
+only, batch 32, 50 epochs at the published settings): SGD with momentum, learning rate
+cosine-decayed per step to 0, RandomResizedCrop + horizontal flip per image, cross-entropy. A checkpoint carries its own config (model name, options, classes,
 resolution, normalisation) so it can be rebuilt and loaded with ``strict=True``.
 """
 
@@ -11,95 +11,24 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
-from wmdd.augment.views import apply_flips, resized_crops, sample_crop_boxes, sample_flips
+from wmdd.augment.views import random_crop_flip
 from wmdd.config import ModelConfig, TeacherConfig, to_dict
 from wmdd.data.lazy import LazySplitSet
 from wmdd.data.prepared import PreparedData
+from wmdd.models.accuracy import evaluate
+from wmdd.models.optim import weight_decay_groups
 from wmdd.models.pretrained import PretrainedInfo, load_pretrained
 from wmdd.models.registry import create_model
-from wmdd.utils import generator, seeded_init
+from wmdd.utils import cosine_factor, generator, seeded_init
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    top1: float  # percent
-    top5: float  # percent
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    *,
-    batch_size: int,
-    device: torch.device,
-    normalize=None,
-) -> Accuracy:
-    """Top-1 / top-5 accuracy (%) of ``model`` (put in eval mode) on a whole split.
-
-    Args:
-        images: (N, C, H, W), uint8 (then ``normalize`` maps batches) or normalised float.
-        labels: (N,) int64.
-        normalize: optional callable applied to each batch (uint8 -> normalised float).
-    """
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = 0
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(device)
-        x = normalize(x) if normalize is not None else x
-        y = labels[start : start + batch_size].to(device)
-        logits = model(x)
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices  # (b, k)
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(dim=1).sum())
-    model.train(was_training)
-    n = len(images)
-    return Accuracy(top1=100.0 * correct1 / n, top5=100.0 * correct5 / n)
-
-
-@torch.no_grad()
-def evaluate_loader(model: nn.Module, loader, *, device: torch.device, normalize) -> Accuracy:
-    """Top-1 / top-5 (%) over a DataLoader of ``(x uint8, y)`` batches (lazy datasets)."""
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = n = 0
-    for x, y in tqdm(loader, desc="evaluate", unit="batch", disable=None):
-        x = normalize(x.to(device, non_blocking=True))
-        y = y.to(device)
-        logits = model(x)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(dim=1).sum())
-        n += len(y)
-    model.train(was_training)
-    if n == 0:
-        raise ValueError("evaluate_loader: the loader yielded no images")
-    return Accuracy(top1=100.0 * correct1 / n, top5=100.0 * correct5 / n)
-
-
-def augment_batch(
-    x: Tensor, *, crop_scale: tuple[float, float], flip: bool, gen: torch.Generator
-) -> Tensor:
-    """Per-image RandomResizedCrop (+ flip) at the input resolution. (b, C, R, R)."""
-    res = x.shape[-1]
-    boxes = sample_crop_boxes(len(x), res, res, scale=crop_scale, generator=gen)
-    x = resized_crops(x, boxes, res)
-    if flip:
-        x = apply_flips(x, sample_flips(len(x), generator=gen))
-    return x
 
 
 def build_teacher(model_cfg: ModelConfig, data: PreparedData | LazySplitSet) -> nn.Module:
@@ -131,22 +60,13 @@ def train_teacher(
     """
     with seeded_init(seed):
         model = build_teacher(cfg.model, data).to(device)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        momentum=cfg.momentum,
+        weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum
     )
     n = len(data.train_y)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total))
     gen = generator(seed, "teacher-data")
     # On a GPU, batches are gathered from pinned host memory and copied asynchronously;
     # normalisation and augmentation then run on the device (same ops, same order as on CPU).
@@ -160,7 +80,7 @@ def train_teacher(
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             x = data.normalize(train_x[idx].to(device, non_blocking=True))
-            x = augment_batch(x, crop_scale=cfg.crop_scale, flip=cfg.flip, gen=gen)
+            x = random_crop_flip(x, crop_scale=cfg.crop_scale, flip=cfg.flip, generator=gen)
             loss = F.cross_entropy(model(x), data.train_y[idx].to(device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"teacher: non-finite loss {loss.item()} at epoch {epoch}")
@@ -201,6 +121,50 @@ def pretrained_teacher(
     )
     model.to(device).eval()
     return model, info
+
+
+def check_teacher_source(
+    cfg: TeacherConfig, data: PreparedData | LazySplitSet, profile: str
+) -> None:
+    """A lazily prepared dataset (ImageNet-1K) has its teacher loaded, not trained here."""
+    if isinstance(data, LazySplitSet) and not cfg.pretrained:
+        raise ValueError(
+            f"datasets.{profile}.teacher.pretrained: {data.name} is prepared lazily and its "
+            "teacher is loaded, not trained here; set e.g. 'torchvision:resnet18.IMAGENET1K_V1'"
+        )
+
+
+def obtain_teacher(
+    cfg: TeacherConfig,
+    data: PreparedData | LazySplitSet,
+    *,
+    profile: str,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+    log_epoch: Callable[[dict], None] | None = None,
+) -> tuple[nn.Module, dict]:
+    """The profile's teacher: ``cfg.pretrained`` loaded strictly, or trained by the recipe.
+
+    Returns the model (eval mode) and what the checkpoint should record about its origin
+    (``pretrained`` spec and weight-file SHA-256; empty for a trained teacher).
+    """
+    check_teacher_source(cfg, data, profile)
+    if cfg.pretrained:
+        model, info = pretrained_teacher(cfg, data, device=device)
+        log.info("loaded %s from %s (sha256 %s)", info.spec, info.path, info.sha256)
+        return model, {"pretrained": info.spec, "pretrained_sha256": info.sha256}
+
+    def on_epoch(h: dict) -> None:
+        log.info("epoch %d: loss %.4f, val top-1 %.2f", h["epoch"], h["loss"], h["val_top1"])
+        if log_epoch is not None:
+            log_epoch(h)
+
+    assert isinstance(data, PreparedData)  # lazy data was refused above
+    model, _ = train_teacher(
+        cfg, data, seed=seed, device=device, progress=progress, on_epoch=on_epoch
+    )
+    return model, {}
 
 
 def save_teacher(

@@ -1,4 +1,4 @@
-"""The hard-label protocol of the DC / DSA / DM lineage (PROTOCOL.md, secondary).
+"""The hard-label protocol of the DC / DSA / DM lineage (secondary).
 
 A fresh ConvNet trained with cross-entropy on the synthetic images' hard labels: SGD
 (lr 0.01, momentum 0.9, weight decay 5e-4), batch 256, 1000 epochs, lr x0.1 at the
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from wmdd.augment.dsa import DSAConfig, dsa
 from wmdd.config import HardProtocolConfig
-from wmdd.models.teacher import Accuracy
+from wmdd.models.accuracy import Accuracy
 from wmdd.utils import generator
 
 

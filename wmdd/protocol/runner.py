@@ -1,7 +1,7 @@
 """One eval seed of the protocol on a synthetic set, and the summary over seeds.
 
-This is what the ``evaluate`` stage runs per seed: a student built from the eval seed,
-trained by the profile's selected protocol (soft labels replayed from the ``relabel``
+This is what the ``evaluate`` stage runs per seed: a student built from the seed plan's
+student seed, trained by the cell's protocol (soft labels replayed from the ``relabel``
 stage's files in ``stored`` mode, drawn with the teacher in ``online`` mode, or hard labels),
 validated on the full validation split.
 """
@@ -9,118 +9,91 @@ validated on the full validation split.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from wmdd.config import ProtocolConfig
-from wmdd.data.lazy import LazySplitSet, make_loader
+from wmdd import paths
+from wmdd.config import ModelConfig
+from wmdd.data.lazy import LazySplitSet
 from wmdd.data.prepared import PreparedData
-from wmdd.models.teacher import Accuracy, evaluate, evaluate_loader
+from wmdd.models.accuracy import Validate
+from wmdd.models.registry import create_model
 from wmdd.protocol.hard import train_student_hard
-from wmdd.protocol.soft import (
-    OnlineLabels,
-    StoredLabels,
-    build_student,
-    relabel_seed,
-    student_seed,
-    train_student_soft,
-)
+from wmdd.protocol.plan import ProtocolPlan, SeedPlan
+from wmdd.protocol.soft import OnlineLabels, StoredLabels, train_student_soft
 from wmdd.synthetic_set import SyntheticSet
+from wmdd.utils import seeded_init
 
-Validate = Callable[[nn.Module, int], Accuracy]  # (model, batch size) -> accuracy on val
 
-
-def split_validator(data: PreparedData | LazySplitSet, *, device: torch.device) -> Validate:
-    """``validate(model, batch_size)``: top-1/top-5 of a model on the whole validation split.
-
-    Cached datasets slice their val tensors; lazy ones (ImageNet-1K) stream the split through
-    a DataLoader of ``data.workers`` decoding processes (pinned memory on a GPU), kept alive
-    between calls, one loader per batch size. Unreadable validation images are dropped
-    (and logged) only when the profile sets ``data.skip_corrupt``.
-    """
-    if isinstance(data, PreparedData):
-        return lambda model, batch_size: evaluate(
-            model,
-            data.val_x,
-            data.val_y,
-            batch_size=batch_size,
-            device=device,
-            normalize=data.normalize,
+def build_student(
+    model_cfg: ModelConfig, *, num_classes: int, in_chans: int, resolution: int, seed: int
+) -> nn.Module:
+    """The protocol's student, freshly initialised from ``seed``."""
+    with seeded_init(seed):
+        return create_model(
+            model_cfg.name,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            resolution=resolution,
+            **model_cfg.kwargs,
         )
-    loaders: dict[int, DataLoader] = {}
-
-    def validate(model: nn.Module, batch_size: int) -> Accuracy:
-        if batch_size not in loaders:
-            loaders[batch_size] = make_loader(
-                data.val, batch_size, workers=data.workers, device=device
-            )
-        return evaluate_loader(model, loaders[batch_size], device=device, normalize=data.normalize)
-
-    return validate
-
-
-def stored_labels_path(labels_dir: Path, eval_seed: int) -> Path:
-    return labels_dir / f"seed{eval_seed}.pt"
 
 
 def evaluate_seed(
-    protocol: ProtocolConfig,
+    plan: ProtocolPlan,
+    seed: SeedPlan,
     *,
-    eval_seed: int,
     data: PreparedData | LazySplitSet,
     synthetic: SyntheticSet,
     teacher: nn.Module | None,
     labels_dir: Path,
-    profile: str,
-    ipc: int,
-    base_seed: int,
     device: torch.device,
     validate: Validate,
     progress: bool = True,
 ) -> dict:
-    """Trains one student and scores it with ``validate`` (:func:`split_validator`, made once
-    per cell so that a lazy split's loader serves every seed); returns
-    ``train_student_*``'s result dict."""
-    spec = protocol.selected()
+    """Trains one student and scores it with ``validate``
+    (:func:`wmdd.models.accuracy.split_validator`, made once per cell so that a lazy split's
+    loader serves every seed); returns ``train_student_*``'s result dict.
+
+    ``teacher`` is needed only when ``plan.evaluate_needs_teacher`` (online relabelling).
+    """
     student = build_student(
-        spec.student,
+        plan.settings.student,
         num_classes=data.num_classes,
         in_chans=data.channels,
         resolution=data.resolution,
-        seed=student_seed(base_seed, profile, ipc, eval_seed),
+        seed=seed.student_seed,
     )
-    view_seed = relabel_seed(base_seed, profile, ipc, eval_seed)
     images = synthetic.images.to(device)
-    common: dict[str, Any] = dict(
-        validate=validate,
-        device=device,
-        progress=progress,
-    )
-    if protocol.kind == "hard":
-        assert protocol.hard is not None
+    if plan.kind == "hard":
         return train_student_hard(
             student=student,
             images=images,
             labels=synthetic.labels,
-            cfg=protocol.hard,
-            seed=view_seed,
-            **common,
+            cfg=plan.hard,
+            seed=seed.view_seed,
+            validate=validate,
+            device=device,
+            progress=progress,
         )
-    soft = protocol.soft
-    assert soft is not None
     labels: StoredLabels | OnlineLabels
-    if soft.relabel_mode == "stored":
-        labels = StoredLabels.load(stored_labels_path(labels_dir, eval_seed))
+    if plan.stores_labels:
+        labels = StoredLabels.load(paths.stored_labels_path(labels_dir, seed.eval_seed))
     else:
         if teacher is None:
             raise ValueError("online relabelling needs the teacher")
-        labels = OnlineLabels(teacher, soft, seed=view_seed)
-    return train_student_soft(student=student, labels=labels, images=images, cfg=soft, **common)
+        labels = OnlineLabels(teacher, plan.soft, seed=seed.view_seed)
+    return train_student_soft(
+        student=student,
+        labels=labels,
+        images=images,
+        cfg=plan.soft,
+        validate=validate,
+        device=device,
+        progress=progress,
+    )
 
 
 def summarise(per_seed: dict[int, dict]) -> dict:
@@ -132,3 +105,51 @@ def summarise(per_seed: dict[int, dict]) -> dict:
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     out["n"] = len(per_seed)
     return out
+
+
+def store_labels(
+    teacher: nn.Module, images: torch.Tensor, plan: ProtocolPlan, out_dir: Path, *, progress: bool
+) -> int:
+    """Relabel mode ``stored``: every eval seed's views and soft labels written to
+    ``out_dir/seed<s>.pt``; returns the bytes stored."""
+    nbytes = 0
+    for seed in plan.seeds:
+        labels = StoredLabels.compute(
+            teacher, images, plan.soft, seed=seed.view_seed, progress=progress
+        )
+        labels.save(paths.stored_labels_path(out_dir, seed.eval_seed))
+        nbytes += labels.nbytes()
+    return nbytes
+
+
+def log_seed(mlflow, eval_seed: int, result: dict) -> None:
+    """Logs one seed's learning curve (``seed<s>.top1`` / ``.loss`` per evaluated epoch)
+    and final numbers to the active MLflow run."""
+    for h in result["history"]:
+        mlflow.log_metrics(
+            {f"seed{eval_seed}.top1": h["top1"], f"seed{eval_seed}.loss": h["loss"]},
+            step=h["epoch"],
+        )
+    mlflow.log_metrics(
+        {
+            f"seed{eval_seed}.final_top1": result["top1"],
+            f"seed{eval_seed}.final_top5": result["top5"],
+            f"seed{eval_seed}.best_top1": result["best_top1"],
+        }
+    )
+
+
+def results_record(
+    summary: dict, per_seed: dict[int, dict], *, protocol_hash: str, seconds: float
+) -> dict:
+    """The evaluate stage's ``metrics.json``: the summary, the protocol hash, the wall time
+    and per seed the final top-1 / top-5, best top-1 and its epoch."""
+    return {
+        **summary,
+        "eval_seconds": seconds,
+        "protocol_hash": protocol_hash,
+        "per_seed": {
+            str(s): {k: r[k] for k in ("top1", "top5", "best_top1", "best_epoch")}
+            for s, r in per_seed.items()
+        },
+    }

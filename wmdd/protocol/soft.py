@@ -1,5 +1,5 @@
-"""The one relabel + evaluation protocol (PROTOCOL.md). It never knows which method
-produced a synthetic set.
+"""The soft-label relabel + evaluation protocol, the suite's headline. It never knows which
+method produced a synthetic set.
 
 Soft-label protocol (primary; the SRe2L / WMDD lineage):
 
@@ -26,7 +26,6 @@ seeds do not depend on the method, so every method sees the same random views
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +45,10 @@ from wmdd.augment.views import (
     sample_cutmix,
     sample_flips,
 )
-from wmdd.config import ModelConfig, SoftProtocolConfig
-from wmdd.models.registry import create_model
-from wmdd.models.teacher import Accuracy
-from wmdd.utils import derive_seed, generator, seeded_init
+from wmdd.config import SoftProtocolConfig
+from wmdd.models.accuracy import Accuracy
+from wmdd.models.optim import weight_decay_groups
+from wmdd.utils import cosine_factor, generator
 
 
 @dataclass(frozen=True)
@@ -233,40 +232,6 @@ def kd_loss(
     return loss * temperature**2 if t2_factor else loss
 
 
-def relabel_seed(base_seed: int, profile: str, ipc: int, eval_seed: int) -> int:
-    """Seed of the relabel views of one eval seed; independent of the method on purpose."""
-    return derive_seed(base_seed, profile, ipc, "relabel", eval_seed)
-
-
-def student_seed(base_seed: int, profile: str, ipc: int, eval_seed: int) -> int:
-    return derive_seed(base_seed, profile, ipc, "student", eval_seed)
-
-
-def build_student(
-    model_cfg: ModelConfig, *, num_classes: int, in_chans: int, resolution: int, seed: int
-) -> nn.Module:
-    with seeded_init(seed):
-        return create_model(
-            model_cfg.name,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            resolution=resolution,
-            **model_cfg.kwargs,
-        )
-
-
-def _adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=lr,
-    )
-
-
 def train_student_soft(
     *,
     student: nn.Module,
@@ -282,16 +247,14 @@ def train_student_soft(
     Args:
         images: (N, C, R, R) synthetic set in normalised space, on ``device``.
         validate: ``validate(model, batch_size)`` scores a model on the full validation
-            split (:func:`wmdd.protocol.runner.split_validator`: cached tensors or a lazy loader).
+            split (:func:`wmdd.models.accuracy.split_validator`: cached tensors or a lazy loader).
 
     Returns:
         ``{"top1", "top5", "best_top1", "best_epoch", "history": [{epoch, loss, top1, top5}]}``.
     """
     student.to(device).train()
-    opt = _adamw(student, cfg.lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / cfg.epochs))
-    )
+    opt = torch.optim.AdamW(weight_decay_groups(student, cfg.weight_decay), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cosine_factor(e, cfg.epochs))
     history: list[dict] = []
     bar = tqdm(range(cfg.epochs), desc="student", unit="epoch", disable=not progress)
     for e in bar:
@@ -320,18 +283,3 @@ def train_student_soft(
         "best_epoch": best["epoch"],
         "history": history,
     }
-
-
-def protocol_hash(protocol, *, eval_seeds, base_seed: int) -> str:
-    """Short hash of everything that defines the protocol of a profile: the selected
-    protocol's settings (student model included), the eval seeds and the base seed."""
-    from wmdd.config import short_hash, to_dict
-
-    return short_hash(
-        {
-            "kind": protocol.kind,
-            "settings": to_dict(protocol.selected()),
-            "eval_seeds": list(eval_seeds),
-            "base_seed": base_seed,
-        }
-    )

@@ -19,7 +19,9 @@ and takes every number from them, so the tables equal what MLflow shows. It writ
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +31,10 @@ import pandas as pd
 from scipy import stats
 
 from wmdd import paths
-from wmdd.utils import read_json
+from wmdd.tracking.runs import package_versions
+from wmdd.utils import atomic_dir, atomic_file, read_json
 
-# Published ResNet-18 top-1 (%) from the WMDD paper's main table (METHODS.md), keyed by
+# Published ResNet-18 top-1 (%) from the WMDD paper's main table (Liu et al., Table 1), keyed by
 # dataset registry name, then method, then IPC. The Random and DM rows were measured by
 # earlier papers under a hard-label ConvNet protocol at lower resolution; SRe2L and WMDD
 # under the soft-label ResNet-18 protocol at 224 px.
@@ -442,3 +445,37 @@ def plot_accuracy(df: pd.DataFrame, profile: str, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, metadata={"Software": None})
     plt.close(fig)
+
+
+def copy_grids(client, cells: list[Cell], figures_dir: Path) -> dict[str, list[str]]:
+    """Copies the preview grids logged by noise-synthesising methods' distill runs."""
+    figures: dict[str, list[str]] = {}
+    for c in cells:
+        if c.method not in NOISE_SYNTHESISED:
+            continue
+        name = f"{c.profile}_{c.method}_ipc{c.ipc}.png"
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(c.distill.info.run_id, "preview.png", tmp)
+            shutil.copy(local, figures_dir / name)
+        figures.setdefault(c.profile, []).append(f"figures/{name}")
+    return figures
+
+
+def write_report(
+    client, profiles: Sequence[str], methods: Sequence[str], ipcs: Sequence[int], *, out: Path
+) -> int:
+    """Writes ``benchmark.md``, ``results.csv`` and ``figures/`` under ``out`` (each
+    atomically) from the runs of the grid; returns the number of cells."""
+    cells, teachers = collect_cells(client, profiles, methods, ipcs)
+    df = results_frame(cells, teachers)
+    with atomic_dir(out / "figures") as fig_dir:
+        figures = copy_grids(client, cells, fig_dir)
+        for profile in profiles:
+            plot_accuracy(df, profile, fig_dir / f"{profile}_accuracy.png")
+            figures.setdefault(profile, []).insert(0, f"figures/{profile}_accuracy.png")
+    text = render_markdown(df, teachers, versions=package_versions(), figures=figures)
+    with atomic_file(out / "benchmark.md") as tmp:
+        tmp.write_text(text)
+    with atomic_file(out / "results.csv") as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    return len(df)

@@ -47,7 +47,6 @@ Departures from the official code (github Liu-Hy/WMDD, VILA-Lab/SRe2L), all deli
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,16 +59,15 @@ from tqdm.auto import tqdm
 from wmdd.augment.views import random_roll, resized_crops, sample_crop_boxes, sample_flips
 from wmdd.data.prepared import TrainingImages
 from wmdd.synthetic_set import jpeg_roundtrip
-from wmdd.utils import generator
+from wmdd.utils import cosine_factor, generator
 
 __all__ = [
     "LossFn",
     "SynthBatch",
     "SynthesisConfig",
-    "augment_batch",
+    "batch_views",
     "check_aligned",
     "class_batches",
-    "cosine_lr",
     "default_jitter",
     "jpeg_roundtrip_normalised",
     "pixel_maps",
@@ -198,22 +196,24 @@ def check_aligned(
     Raises:
         ValueError: Naming the nearest valid boundaries when the range splits a group.
     """
-    rng = _as_range(classes)
+    class_range = _as_range(classes)
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if num_classes is not None and rng.stop > num_classes:
-        raise ValueError(f"classes {rng.start}:{rng.stop} exceed the {num_classes} classes")
-    for name, edge in (("start", rng.start), ("end", rng.stop)):
+    if num_classes is not None and class_range.stop > num_classes:
+        raise ValueError(
+            f"classes {class_range.start}:{class_range.stop} exceed the {num_classes} classes"
+        )
+    for name, edge in (("start", class_range.start), ("end", class_range.stop)):
         dataset_end = name == "end" and (num_classes is None or edge == num_classes)
         if edge % group_size == 0 or dataset_end:
             continue
         lo = edge - edge % group_size
         raise ValueError(
-            f"class range {rng.start}:{rng.stop} splits a batch group of {group_size} classes at "
+            f"class range {class_range.start}:{class_range.stop} splits a batch group of {group_size} classes at "
             f"its {name} ({edge}); use a boundary that is a multiple of {group_size} "
             f"(e.g. {lo} or {lo + group_size}) or the last class"
         )
-    return rng
+    return class_range
 
 
 def class_batches(
@@ -237,10 +237,10 @@ def class_batches(
     if ipc < 1 or budget < 1:
         raise ValueError(f"ipc and budget must be >= 1, got ipc={ipc}, budget={budget}")
     group = max(1, budget // ipc)
-    rng = check_aligned(classes, group, num_classes=num_classes)
+    class_range = check_aligned(classes, group, num_classes=num_classes)
     batches = []
-    for start in range(rng.start, rng.stop, group):
-        group_classes = range(start, min(start + group, rng.stop))
+    for start in range(class_range.start, class_range.stop, group):
+        group_classes = range(start, min(start + group, class_range.stop))
         for s0 in range(0, ipc, budget):
             slots = range(s0, min(s0 + budget, ipc))
             batches.append(_make_batch([(c, s) for c in group_classes for s in slots]))
@@ -259,11 +259,11 @@ def slot_batches(
     """
     if ipc < 1 or budget < 1:
         raise ValueError(f"ipc and budget must be >= 1, got ipc={ipc}, budget={budget}")
-    rng = check_aligned(classes, budget, num_classes=num_classes)
+    class_range = check_aligned(classes, budget, num_classes=num_classes)
     return [
-        _make_batch([(c, s) for c in range(start, min(start + budget, rng.stop))])
+        _make_batch([(c, s) for c in range(start, min(start + budget, class_range.stop))])
         for s in range(ipc)
-        for start in range(rng.start, rng.stop, budget)
+        for start in range(class_range.start, class_range.stop, budget)
     ]
 
 
@@ -305,12 +305,7 @@ def jpeg_roundtrip_normalised(
     return from_pixels(jpeg_roundtrip(pixels, quality=quality)).float()
 
 
-def cosine_lr(base_lr: float, step: int, total: int) -> float:
-    """:math:`\\eta_t = \\frac{1}{2} \\eta (1 + \\cos(\\pi t / T))`, t = 0..T-1 (no warm-up)."""
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * step / total))
-
-
-def augment_batch(x: Tensor, cfg: SynthesisConfig, gen: torch.Generator) -> Tensor:
+def batch_views(x: Tensor, cfg: SynthesisConfig, gen: torch.Generator) -> Tensor:
     """One crop box for the whole batch, one flip draw, then one wrap-around roll.
 
     Args:
@@ -363,8 +358,8 @@ def _optimise_batch(
     components: dict[str, float] = {}
     for t in range(cfg.iterations):
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(cfg.lr, t, cfg.iterations)
-        loss, components = loss_fn(augment_batch(x, cfg, gen), batch)
+            group["lr"] = cfg.lr * cosine_factor(t, cfg.iterations)
+        loss, components = loss_fn(batch_views(x, cfg, gen), batch)
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(
                 f"non-finite synthesis loss {float(loss.detach())} at iteration {t} of batch "

@@ -1,0 +1,30 @@
+"""WMDD's settings (one frozen dataclass, parsed from ``methods.wmdd`` in ``params.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from wmdd.synthesis.loop import SynthesisConfig
+
+
+@dataclass(frozen=True)
+class WMDDConfig:
+    """WMDD settings; defaults are the published Imagenette configuration."""
+
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)  # the shared loop
+    lambda_bn: float = 10.0  # BN weight lambda (Imagenette 10, Tiny 300, ImageNet-1K 500)
+    feature_loss: Literal["wasserstein", "ce", "mmd"] = "wasserstein"  # feature term (ablation)
+    bn_target: Literal["per_class", "global"] = "per_class"  # BN target (ablation)
+    r_ce: float = 0.0  # extra CE weight (0 in every published run; official script default 1)
+    squared: bool = False  # square the feature and BN norms (paper's figure); official: False
+    bn_pooling: Literal["exact", "batch_mean"] = "exact"  # exact pooled stats vs official mean
+    weighted_barycenter: bool = False  # optimise barycenter weights too (paper: slightly worse)
+    feature_batch_size: int = 256  # images per forward when extracting features
+    bn_batch_size: int = 100  # images per forward for BN stats ("batch_mean" depends on it)
+
+    def __post_init__(self) -> None:
+        if self.lambda_bn < 0 or self.r_ce < 0:
+            raise ValueError(f"lambda_bn and r_ce must be >= 0, got {self.lambda_bn}, {self.r_ce}")
+        if self.feature_batch_size < 1 or self.bn_batch_size < 1:
+            raise ValueError("feature_batch_size and bn_batch_size must be >= 1")

@@ -1,0 +1,183 @@
+r"""The WMDD synthesis loss of one augmented batch (see :mod:`wmdd.method.distill` for the
+whole method):
+
+.. math::
+
+    L = \lVert \Phi(\mathrm{aug}(X)) - B \rVert_F
+      + \lambda \sum_l \Big[ \tfrac{1}{|\mathcal{C}|} \sum_{c}
+          \lVert \sigma^2_{l,c}(X) - \sigma^2_{l,c} \rVert_2
+        + \tfrac{1}{|\mathcal{C}|} \sum_{c} \lVert \mu_{l,c}(X) - \mu_{l,c} \rVert_2 \Big]
+      + r_{ce}\, \mathrm{CE}(f(\mathrm{aug}(X)), y).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wmdd.method.config import WMDDConfig
+from wmdd.synthesis.bn_stats import BNInputRecorder, BNStats
+from wmdd.synthesis.loop import SynthBatch
+
+__all__ = [
+    "WMDDTargets",
+    "bn_matching_loss",
+    "grouped_channel_stats",
+    "teacher_forward",
+    "wmdd_loss",
+]
+
+
+@dataclass(frozen=True)
+class WMDDTargets:
+    """Everything :func:`wmdd_loss` matches, for the class range ``first_class..``.
+
+    Row r of every tensor belongs to class ``first_class + r``.
+    """
+
+    first_class: int  # global index of row 0
+    bn: BNStats  # per layer (C_range, C_l) mean/var (global stats repeated per class)
+    barycenters: Tensor | None = None  # (C_range, k, D), for feature_loss="wasserstein"
+    class_means: Tensor | None = None  # (C_range, D), for feature_loss="mmd"
+
+
+def _class_groups(rows: Tensor) -> tuple[Tensor, int]:
+    """Target rows of the G class groups of a batch and the images per group.
+
+    A batch must hold its classes as contiguous runs of equal length (the
+    :func:`class_batches` layout); returns (G,) int64 rows on the CPU and m.
+    """
+    group_rows, counts = torch.unique_consecutive(rows.cpu(), return_counts=True)
+    if bool((counts != counts[0]).any()) or group_rows.unique().numel() != group_rows.numel():
+        raise ValueError(
+            "WMDD batches must hold each class as one contiguous run, all runs of equal length "
+            f"(the class_batches layout); got run lengths {counts.tolist()}"
+        )
+    return group_rows, int(counts[0])
+
+
+def grouped_channel_stats(z: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Per-group channel mean and biased variance of a batch of G contiguous groups.
+
+    For group g (images ``g*m .. (g+1)*m - 1``) and channel ch, the statistics over the
+    group's m images x H x W, i.e. :func:`wmdd.synthesis.bn_stats.batch_channel_stats` of each group,
+    computed for all groups at once with a two-pass formula on a (G, m, C, H*W) view (no copy;
+    about 3x faster on CPU than one ``var_mean`` call per group or over permuted dimensions).
+
+    Args:
+        z: BN input (G * m, C, H, W), the images of a group contiguous.
+        groups: G.
+
+    Returns:
+        ``(mean, var)``, each (G, C); differentiable.
+    """
+    n, c = z.shape[:2]
+    zg = z.reshape(groups, n // groups, c, -1)  # (G, m, C, H*W)
+    mean = zg.mean(dim=(1, 3))  # (G, C)
+    var = (zg - mean[:, None, :, None]).square().mean(dim=(1, 3))  # (G, C), biased
+    return mean, var
+
+
+def _mean_norm(diff: Tensor, squared: bool) -> Tensor:
+    """Mean over rows of the row-wise L2 norm (or squared norm) of ``diff`` (G, C)."""
+    norms = diff.square().sum(dim=1) if squared else torch.linalg.vector_norm(diff, dim=1)
+    return norms.mean()
+
+
+def bn_matching_loss(
+    bn_inputs: Sequence[Tensor], targets: BNStats, rows: Tensor, *, squared: bool = False
+) -> Tensor:
+    """:math:`\\sum_l [\\mathrm{mean}_c \\lVert \\sigma^2_{l,c}(X) - \\sigma^2_{l,c} \\rVert_2
+    + \\mathrm{mean}_c \\lVert \\mu_{l,c}(X) - \\mu_{l,c} \\rVert_2]` (norms squared if asked).
+
+    Args:
+        bn_inputs: Recorded BN inputs, one (b, C_l, H_l, W_l) tensor per layer.
+        targets: Per-layer target rows (R, C_l), same layers and order as ``bn_inputs``.
+        rows: (b,) int64 target row of each image; classes contiguous, equal run lengths.
+        squared: Square the L2 norms (the paper's figure).
+
+    Returns:
+        Scalar loss (unweighted; :func:`wmdd_loss` multiplies by lambda).
+    """
+    group_rows, _ = _class_groups(rows)
+    total = bn_inputs[0].new_zeros(())
+    for z, mu_t, var_t in zip(bn_inputs, targets.mean, targets.var, strict=True):
+        idx = group_rows.to(mu_t.device)
+        mu, var = grouped_channel_stats(z, len(group_rows))  # (G, C_l) each
+        total = total + _mean_norm(var - var_t[idx], squared) + _mean_norm(mu - mu_t[idx], squared)
+    return total
+
+
+def _norm(diff: Tensor, squared: bool) -> Tensor:
+    """Frobenius norm of ``diff`` (or its square)."""
+    return diff.square().sum() if squared else torch.linalg.norm(diff.flatten())
+
+
+def _feature_term(
+    features: Tensor, logits: Tensor, batch: SynthBatch, targets: WMDDTargets, config: WMDDConfig
+) -> Tensor:
+    """The feature term of :func:`wmdd_loss` for ``config.feature_loss``."""
+    rows = (batch.classes - targets.first_class).to(features.device)  # (b,)
+    if config.feature_loss == "ce":
+        return F.cross_entropy(logits, batch.classes.to(logits.device))
+    if config.feature_loss == "wasserstein":
+        if targets.barycenters is None:
+            raise ValueError("feature_loss='wasserstein' needs targets.barycenters")
+        slots = batch.slots.to(features.device)
+        return _norm(features - targets.barycenters[rows, slots], config.squared)  # (b, D)
+    if targets.class_means is None:
+        raise ValueError("feature_loss='mmd' needs targets.class_means")
+    group_rows, m = _class_groups(rows)
+    means = features.reshape(len(group_rows), m, -1).mean(dim=1)  # (G, D)
+    return _norm(means - targets.class_means[group_rows.to(features.device)], config.squared)
+
+
+def wmdd_loss(
+    features: Tensor,
+    logits: Tensor,
+    bn_inputs: Sequence[Tensor],
+    batch: SynthBatch,
+    *,
+    targets: WMDDTargets,
+    config: WMDDConfig,
+) -> tuple[Tensor, dict[str, float]]:
+    """The WMDD synthesis loss of one augmented batch (see the module docstring).
+
+    Args:
+        features: :math:`\\phi` of the augmented batch, (b, D).
+        logits: Teacher logits of the same forward, (b, num_classes).
+        bn_inputs: BN inputs of the same forward, one (b, C_l, H_l, W_l) per layer.
+        batch: Classes and slots of the images (the :func:`class_batches` layout).
+        targets: Barycenters / class means and BN targets of the class range.
+        config: Loss weights and variants.
+
+    Returns:
+        ``(loss, {"feature", "bn", "ce", "total"})``; "ce" is the r_ce term's CE (0 when off).
+    """
+    feature = _feature_term(features, logits, batch, targets, config)
+    rows = batch.classes - targets.first_class  # (b,)
+    bn = bn_matching_loss(bn_inputs, targets.bn, rows, squared=config.squared)
+    loss = feature + config.lambda_bn * bn
+    ce = features.new_zeros(())
+    if config.r_ce > 0:
+        ce = F.cross_entropy(logits, batch.classes.to(logits.device))
+        loss = loss + config.r_ce * ce
+    parts = {"feature": feature, "bn": bn, "ce": ce, "total": loss}
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def teacher_forward(
+    teacher: nn.Module, recorder: BNInputRecorder, x: Tensor
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """One teacher forward: (features (b, D), logits (b, num_classes), BN inputs per layer)."""
+    forward_features = cast(Callable[[Tensor], Tensor], teacher.forward_features)
+    forward_head = cast(Callable[[Tensor], Tensor], teacher.forward_head)
+    recorder.clear()
+    features = forward_features(x)  # (b, D)
+    logits = forward_head(features)  # (b, num_classes)
+    return features, logits, recorder.inputs
