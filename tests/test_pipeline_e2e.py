@@ -8,6 +8,7 @@ method parameter invalidates only the stages that depend on it.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -129,9 +130,40 @@ def test_method_param_invalidates_only_dependants(repo: Path) -> None:
         params_file.write_text(original.replace("    draw: 0", "    draw: 1", 1))
         assert params_file.read_text() != original
         proc = _run([str(BIN / "dvc"), "status", "--json"], repo)
-        changed = set(__import__("json").loads(proc.stdout))
+        changed = set(json.loads(proc.stdout))
         assert changed and all(s.startswith("distill@") and "-random-" in s for s in changed), (
             changed
         )
     finally:
         params_file.write_text(original)
+
+
+def _status_after_edit(repo: Path, rel: str) -> set[str]:
+    """Stages ``dvc status`` lists after appending a comment to ``rel`` (then restored)."""
+    path = repo / rel
+    original = path.read_text()
+    try:
+        path.write_text(original + "\n# an edit\n")
+        proc = _run([str(BIN / "dvc"), "status", "--json"], repo)
+        assert proc.returncode == 0, proc.stderr
+        return set(json.loads(proc.stdout))
+    finally:
+        path.write_text(original)
+
+
+def test_code_edits_invalidate_exactly_the_stages_that_run_the_code(repo: Path) -> None:
+    every = {s for s in _stage_names(repo)}
+    assert _status_after_edit(repo, "wmdd/utils.py") == every
+    assert _status_after_edit(repo, "wmdd/report/benchmark.py") == {"report"}
+    protocol = _status_after_edit(repo, "wmdd/protocol/soft.py")
+    assert protocol and all(
+        s.split("@")[0] in {"relabel", "evaluate", "diagnose"} for s in protocol
+    )
+    distill = _status_after_edit(repo, "baselines/dm.py")
+    assert distill == {s for s in every if s.startswith("distill@")}
+
+
+def _stage_names(repo: Path) -> list[str]:
+    proc = _run([str(BIN / "dvc"), "stage", "list", "--name-only"], repo)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
