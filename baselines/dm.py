@@ -55,6 +55,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from wmdd.augment.dsa import DSAConfig, dsa, dsa_augment
+from wmdd.checkpoint import Checkpointer, loop_state
+from wmdd.config import check_ranges
 from wmdd.data.prepared import TrainingImages
 from wmdd.models.registry import create_model
 from wmdd.synthetic_set import SyntheticSet
@@ -95,14 +97,19 @@ class DMConfig:
     feature_space: Literal["embedder", "teacher"] = "embedder"
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "real_per_class", "embed_width", "large_ipc"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DMConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("classes_per_iteration", "embed_depth"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DMConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"DMConfig.momentum must lie in [0, 1), got {self.momentum}")
+        check_ranges(
+            self,
+            at_least={
+                "iterations": 1,
+                "real_per_class": 1,
+                "embed_width": 1,
+                "large_ipc": 1,
+                "classes_per_iteration": 0,
+                "embed_depth": 0,
+            },
+            positive=("lr", "lr_large_ipc"),
+            unit_interval=("momentum",),
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -316,6 +323,7 @@ def dm(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    checkpoint: Checkpointer | None = None,
 ) -> SyntheticSet:
     """Distils ``ipc`` images per class of ``classes`` by distribution matching.
 
@@ -327,6 +335,9 @@ def dm(
         config: DM settings.
         seed: Base seed; all randomness derives from it.
         device: Where to optimise.
+        checkpoint: Saves the pixels, the momentum buffer and the losses between iterations
+            and resumes from them (every draw is keyed by the iteration, so a resumed run is
+            identical).
 
     Returns:
         Images (len(classes) * ipc, C, H, W) in normalised space, ordered by (class, slot),
@@ -343,8 +354,15 @@ def dm(
     lr = config.lr_large_ipc if ipc >= config.large_ipc else config.lr
     optimizer = torch.optim.SGD([syn], lr=lr, momentum=config.momentum)
     init_seconds = time.perf_counter() - start
-    losses = []
-    for it in tqdm(range(config.iterations), desc=f"DM ipc{ipc}", disable=not progress):
+    losses: list[float] = []
+    first = 0
+    if checkpoint is not None and (state := checkpoint.load()) is not None:
+        with torch.no_grad():
+            syn.copy_(state["syn"])
+        optimizer.load_state_dict(state["optimizer"])
+        first, losses = state["iteration"], state["losses"]
+    iterations = range(first, config.iterations)
+    for it in tqdm(iterations, desc=f"DM ipc{ipc}", disable=not progress, initial=first):
         syn.grad = torch.zeros_like(syn)  # classes outside the subset step with zero gradient
         embed = _embed_fn(teacher, data, config, seed=seed, iteration=it, device=device)
         active = active_classes(
@@ -364,6 +382,16 @@ def dm(
             )
         )
         optimizer.step()
+        if checkpoint is not None:
+
+            def snapshot(done: int = it + 1) -> dict:
+                where = f"iteration {done} of {config.iterations}"
+                syn_now = syn.detach().cpu().clone()
+                return loop_state(
+                    where, optimizer=optimizer, syn=syn_now, iteration=done, losses=losses
+                )
+
+            checkpoint.step(snapshot)
     labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(ipc)  # (len(classes) * ipc,)
     used = {
         "real_per_class": config.real_per_class,

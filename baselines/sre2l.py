@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wmdd.checkpoint import Checkpointer
+from wmdd.config import check_ranges
 from wmdd.data.prepared import TrainingImages
 from wmdd.synthesis.bn_stats import BNInputRecorder, BNStats, batch_channel_stats, global_bn_stats
 from wmdd.synthesis.loop import (
@@ -69,11 +71,7 @@ class SRe2LConfig:
     first_bn_multiplier: float = 10.0  # m_1: extra weight of the first BN layer
 
     def __post_init__(self) -> None:
-        if self.r_bn < 0 or self.first_bn_multiplier < 0:
-            raise ValueError(
-                f"r_bn and first_bn_multiplier must be >= 0, got {self.r_bn}, "
-                f"{self.first_bn_multiplier}"
-            )
+        check_ranges(self, non_negative=("r_bn", "first_bn_multiplier"))
 
 
 def _running_lists(running: RunningStats) -> tuple[list[Tensor], list[Tensor]]:
@@ -164,6 +162,7 @@ def sre2l(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    checkpoint: Checkpointer | None = None,
 ) -> SyntheticSet:
     """Recover ``ipc`` images per class of ``classes`` by SRe2L (see the module docstring).
 
@@ -176,6 +175,7 @@ def sre2l(
         seed: Base seed (init and augmentation draws derive from it).
         device: Where the teacher runs.
         progress: tqdm bar over batches.
+        checkpoint: Makes the recovery resumable (:mod:`wmdd.checkpoint`).
 
     Returns:
         Images (len(classes) * ipc, C, H, W) in normalised space ordered by (class, slot), with
@@ -199,6 +199,7 @@ def sre2l(
             seed=seed,
             device=device,
             progress=progress,
+            checkpoint=checkpoint,
         )
     aux: dict[str, Any] = {
         "synthesis": {k: v for k, v in stats.items() if k != "optimise_seconds"},

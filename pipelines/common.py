@@ -18,20 +18,43 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
+from wmdd.checkpoint import StageCheckpoints
 from wmdd.config import BenchmarkConfig, ConfigError, Params, ProfileConfig, load_params
+from wmdd.tracking import lifecycle
 from wmdd.tracking.runs import stage_run
+from wmdd.tracking.store import TrackingError
 from wmdd.utils import resolve_device
+
+
+class StageArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2): the usage block is for ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def ipc_value(text: str) -> int:
+    """``--ipc``: a positive integer, as in ``benchmark.ipcs``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, as in params.yaml's benchmark.ipcs, got {text!r}"
+        )
+    return value
 
 
 def base_parser(
     description: str, *, dataset: bool = True, method: bool = False, ipc: bool = False
 ) -> argparse.ArgumentParser:
     """The arguments every stage shares; stage-specific ones are added by the caller."""
-    parser = argparse.ArgumentParser(
+    parser = StageArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -44,7 +67,7 @@ def base_parser(
     if method:
         parser.add_argument("--method", required=True, help="method (a key of `methods`)")
     if ipc:
-        parser.add_argument("--ipc", required=True, type=int, help="images per class")
+        parser.add_argument("--ipc", required=True, type=ipc_value, help="images per class")
     parser.add_argument("--no-progress", action="store_true", help="disable progress bars")
     return parser
 
@@ -91,9 +114,19 @@ class Stage:
         return {**tags, **extra}
 
     @contextlib.contextmanager
-    def tracked(self, *, params: dict[str, Any], inputs: list[Path], **tags: Any) -> Iterator[Any]:
+    def tracked(
+        self,
+        *,
+        params: dict[str, Any],
+        inputs: list[Path],
+        outputs: list[Path] | None = None,
+        **tags: Any,
+    ) -> Iterator[Any]:
         """The stage's MLflow run, named ``<stage>/<profile>/<method>/ipc<k>``; yields the
-        ``mlflow`` module with the run active (``run_id(mlflow)`` names it)."""
+        ``mlflow`` module with the run active. ``inputs`` and ``outputs`` (files or
+        folders) are tagged with their MD5s: how the report finds the run behind an
+        output. Start it after the inputs are loaded and checked, so bad input opens no
+        run."""
         with stage_run(
             experiment=self.bench.experiment,
             stage=self.name,
@@ -101,14 +134,21 @@ class Stage:
             tags=self.tags(**tags),
             params=params,
             inputs=inputs,
+            outputs=outputs,
             device=self.device,
         ) as mlflow:
             yield mlflow
 
-
-def run_id(mlflow: Any) -> str:
-    """The id of the active MLflow run."""
-    return mlflow.active_run().info.run_id
+    def checkpoints(self, *, params: Any, inputs: list[Path]) -> StageCheckpoints:
+        """This execution's checkpoint directory, keyed by ``params``, the input files
+        and the code (``runtime.checkpoint_seconds`` sets the interval)."""
+        return StageCheckpoints.for_stage(
+            self.name,
+            self.cell,
+            params=params,
+            inputs=inputs,
+            every_seconds=self.params.runtime.checkpoint_seconds,
+        )
 
 
 def open_stage(
@@ -131,6 +171,11 @@ def open_stage(
     params = load_params(args.params)
     if dataset:
         params.profile(args.dataset)  # an unknown profile fails here, naming the known ones
+    if method and args.method not in params.methods:
+        raise ConfigError(
+            f"--method {args.method!r}: not a key of params.yaml's methods "
+            f"(known: {', '.join(sorted(params.methods))})"
+        )
     return Stage(name, args, params, resolve_device(device or params.benchmark.device))
 
 
@@ -144,13 +189,21 @@ def setup_logging() -> None:
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Runs a stage's ``main``; configuration and input errors exit with code 2 and one
-    clear line instead of a traceback."""
+    """Runs a stage's ``main`` as a command: it dies with its parent (a killed ``dvc``
+    leaves no stage behind), SIGTERM / Ctrl-C end it cleanly (exit 143 / 130, the MLflow run
+    KILLED, no partial output), and configuration, input and tracking errors exit with code
+    2 and one clear line instead of a traceback."""
     setup_logging()
+    logger = logging.getLogger("pipelines")
     try:
+        lifecycle.install_signal_handlers()
+        lifecycle.die_with_parent()
         main(argv)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (lifecycle.StageInterrupted, KeyboardInterrupt) as err:
+        logger.error("interrupted (%s): nothing was written", err or "SIGINT")
+        sys.exit(130 if isinstance(err, KeyboardInterrupt) else 143)
+    except (ConfigError, FileNotFoundError, ValueError, TrackingError) as err:
         if os.environ.get("WMDD_TRACEBACK"):
             raise
-        logging.getLogger("pipelines").error("%s (set WMDD_TRACEBACK=1 for a traceback)", err)
+        logger.error("%s (set WMDD_TRACEBACK=1 for a traceback)", err)
         sys.exit(2)

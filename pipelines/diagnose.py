@@ -12,7 +12,7 @@ per cell: it needs neither the training images nor a student.
 
 from __future__ import annotations
 
-from pipelines.common import open_stage, run_id, run_main
+from pipelines.common import open_stage, run_main
 from wmdd import paths
 from wmdd.data.prepared import MANIFEST_FILE
 from wmdd.models.teacher import load_teacher
@@ -32,14 +32,15 @@ def main(argv: list[str] | None = None) -> None:
     manifest = read_json(manifest_path)
     synthetic = SyntheticSet.load(set_dir / SET_FILE)
     teacher = load_teacher(teacher_file, device=device)
-    with stage.tracked(params={}, inputs=[manifest_path, set_dir, teacher_file]) as mlflow:
+    out = paths.diagnostics_path(args.dataset, args.method, args.ipc)
+    inputs = [manifest_path, set_dir, teacher_file]
+    with stage.tracked(params={}, inputs=inputs, outputs=[out]) as mlflow:
         stats = set_diagnostics(
             teacher, synthetic.images, synthetic.labels,
             mean=manifest["mean"], std=manifest["std"], device=device,
         )  # fmt: skip
         mlflow.log_metrics(stats)
-        out = paths.diagnostics_path(args.dataset, args.method, args.ipc)
-        write_json(out, {**stats, "mlflow_run_id": run_id(mlflow)})
+        write_json(out, stats)
 
 
 if __name__ == "__main__":

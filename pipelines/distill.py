@@ -11,7 +11,7 @@ distils only classes ``a..b-1`` (for sharding; the result equals that slice of a
 
 from __future__ import annotations
 
-from pipelines.common import open_stage, run_id, run_main
+from pipelines.common import open_stage, run_main
 from pipelines.registry import get_method, method_config, validate_method
 from wmdd import paths
 from wmdd.config import flatten, to_dict
@@ -37,18 +37,21 @@ def main(argv: list[str] | None = None) -> None:
     inputs = [paths.data_dir(args.dataset)] + ([teacher_file] if teacher is not None else [])
     tags = stage.tags(classes=f"{classes.start}:{classes.stop}")
     run_params = {**flatten(config, "method."), "seed": seed, "ipc": args.ipc}
-    with stage.tracked(params=run_params, inputs=inputs, **tags) as mlflow:
+    out = paths.distilled_dir(args.dataset, args.method, args.ipc)
+    resume = stage.checkpoints(params=(run_params, tags), inputs=inputs)
+    with stage.tracked(params=run_params, inputs=inputs, outputs=[out], **tags) as mlflow:
         synthetic, metrics = run_method(
-            spec.fn, teacher=teacher, data=data, classes=classes, ipc=args.ipc,
-            config=config, seed=seed, device=device, progress=stage.progress,
+            spec.fn, teacher=teacher, data=data, classes=classes, ipc=args.ipc, config=config,
+            seed=seed, device=device, progress=stage.progress,
+            checkpoint=resume.loop("synthesis", f"distill {args.method}"),
         )  # fmt: skip
-        meta = {**tags, "config": to_dict(config), "seed": seed, **metrics}
-        out = paths.distilled_dir(args.dataset, args.method, args.ipc)
-        preview = save_distilled(
-            out, synthetic, data, meta={**meta, "mlflow_run_id": run_id(mlflow)}
-        )
+        # meta.json holds what defines the set, never run metadata (times, memory, run id):
+        # a re-run with the same inputs writes the same bytes.
+        meta = {**tags, "config": to_dict(config), "seed": seed, "images": metrics["images"]}
+        preview = save_distilled(out, synthetic, data, meta=meta)
         mlflow.log_artifact(str(preview))
         mlflow.log_metrics(metrics)
+    resume.clear()
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import time
 
-from pipelines.common import open_stage, run_id, run_main
+from pipelines.common import open_stage, run_main
 from wmdd import paths
 from wmdd.data import load_data
-from wmdd.models.accuracy import split_validator
 from wmdd.models.teacher import load_teacher
 from wmdd.protocol.plan import protocol_plan
-from wmdd.protocol.runner import evaluate_seed, log_seed, results_record, summarise
+from wmdd.protocol.runner import evaluate_seeds, log_seed, results_record, summarise
 from wmdd.synthetic_set import SET_FILE, SyntheticSet
 from wmdd.utils import peak_memory_mb, write_json
 
@@ -38,21 +37,20 @@ def main(argv: list[str] | None = None) -> None:
     teacher = load_teacher(teacher_file, device=device) if plan.evaluate_needs_teacher else None
     inputs = [data_dir, set_dir, labels_dir] + ([teacher_file] if teacher is not None else [])
     tags = {"protocol": plan.kind, "protocol_hash": plan.hash}
-    with stage.tracked(params=plan.mlflow_params(), inputs=inputs, **tags) as mlflow:
-        start, per_seed = time.perf_counter(), {}
-        validate = split_validator(data, device=device)  # one loader for every seed
-        for seed in plan.seeds:
-            per_seed[seed.eval_seed] = result = evaluate_seed(
-                plan, seed, data=data, synthetic=synthetic, teacher=teacher,
-                labels_dir=labels_dir, device=device, validate=validate, progress=stage.progress,
-            )  # fmt: skip
-            log_seed(mlflow, seed.eval_seed, result)
+    resume = stage.checkpoints(params=plan, inputs=inputs)
+    out = paths.results_path(args.dataset, args.method, args.ipc)
+    with stage.tracked(params=plan.mlflow_params(), inputs=inputs, outputs=[out], **tags) as mlflow:
+        start = time.perf_counter()
+        per_seed = evaluate_seeds(
+            plan, data=data, synthetic=synthetic, teacher=teacher, labels_dir=labels_dir,
+            device=device, resume=resume, on_seed=lambda s, r: log_seed(mlflow, s, r),
+            progress=stage.progress,
+        )  # fmt: skip
         summary, seconds = summarise(per_seed), time.perf_counter() - start
         cost = {"eval_seconds": seconds, "peak_mem_mb": peak_memory_mb(device)}
         mlflow.log_metrics({**{k: float(v) for k, v in summary.items()}, **cost})
-        record = results_record(summary, per_seed, protocol_hash=plan.hash, seconds=seconds)
-        out = paths.results_path(args.dataset, args.method, args.ipc)
-        write_json(out, {**record, "mlflow_run_id": run_id(mlflow)})
+        write_json(out, results_record(summary, per_seed, protocol_hash=plan.hash))
+    resume.clear()
 
 
 if __name__ == "__main__":

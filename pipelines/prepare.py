@@ -20,9 +20,10 @@ from wmdd.utils import atomic_dir
 def main(argv: list[str] | None = None) -> None:
     stage = open_stage("prepare", __doc__, argv, device="cpu")
     data_cfg = stage.profile.data
-    with stage.tracked(params=flatten(data_cfg, "data."), inputs=[]) as mlflow:
+    out = paths.data_dir(stage.args.dataset)
+    with stage.tracked(params=flatten(data_cfg, "data."), inputs=[], outputs=[out]) as mlflow:
         start = time.perf_counter()
-        with atomic_dir(paths.data_dir(stage.args.dataset)) as tmp:
+        with atomic_dir(out) as tmp:
             manifest = prepare_dataset(data_cfg, tmp, progress=stage.progress)
         counts = manifest["counts"]
         mlflow.log_metrics(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from pipelines.common import open_stage, run_id, run_main
+from pipelines.common import open_stage, run_main
 from wmdd import paths
 from wmdd.models.teacher import load_teacher
 from wmdd.protocol.plan import protocol_plan
@@ -36,17 +36,16 @@ def main(argv: list[str] | None = None) -> None:
     teacher = load_teacher(teacher_file, device=device) if plan.relabel_needs_teacher else None
     tags = stage.tags(protocol=plan.kind, protocol_hash=plan.hash)
     inputs = [set_dir] + ([teacher_file] if teacher is not None else [])
-    with stage.tracked(params=plan.mlflow_params(), inputs=inputs, **tags) as mlflow:
+    out = paths.labels_dir(args.dataset, args.method, args.ipc)
+    with stage.tracked(params=plan.mlflow_params(), inputs=inputs, outputs=[out], **tags) as mlflow:
         start, nbytes = time.perf_counter(), 0
-        with atomic_dir(paths.labels_dir(args.dataset, args.method, args.ipc)) as tmp:
+        with atomic_dir(out) as tmp:
             if teacher is not None:
                 nbytes = store_labels(teacher, images, plan, tmp, progress=stage.progress)
-            seconds = time.perf_counter() - start
-            metrics = {"relabel_seconds": seconds, "label_bytes": nbytes}
-            mlflow.log_metrics({**metrics, "peak_mem_mb": peak_memory_mb(device)})
             info = {"stored": plan.stores_labels, "eval_seeds": list(bench.eval_seeds)}
-            info = {**tags, **info, **metrics, "mlflow_run_id": run_id(mlflow)}
-            write_json(tmp / "labels.json", info)
+            write_json(tmp / paths.LABELS_FILE, {**tags, **info, "label_bytes": nbytes})
+        cost = {"relabel_seconds": time.perf_counter() - start, "label_bytes": nbytes}
+        mlflow.log_metrics({**cost, "peak_mem_mb": peak_memory_mb(device)})
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
     python -m pipelines.report
 
-Reads the MLflow runs named by the pipeline's outputs for the grid in
-``params.yaml: benchmark`` and writes ``reports/benchmark.md``, ``reports/results.csv``
-and ``reports/figures/``; the report is also logged as an artefact of a ``report`` run.
-Works against the default SQLite store or ``$MLFLOW_TRACKING_URI``.
+Finds the MLflow runs behind the pipeline's outputs for the grid in
+``params.yaml: benchmark`` (by the outputs' content hashes) and writes
+``reports/benchmark.md``, ``reports/results.csv`` and ``reports/figures/``; the report is
+also logged as an artefact of a ``report`` run. Works against the default SQLite store or
+``$MLFLOW_TRACKING_URI``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ def main(argv: list[str] | None = None) -> None:
         "report", __doc__, argv, dataset=False, device="cpu",
         add_arguments=lambda p: p.add_argument("--out", default=str(paths.REPORTS), help="output directory"),
     )  # fmt: skip
-    bench = stage.bench
+    bench, out = stage.bench, Path(stage.args.out)
     with stage.tracked(params={}, inputs=[], datasets=",".join(bench.datasets)) as mlflow:
-        client = mlflow.MlflowClient()
-        out = Path(stage.args.out)
-        cells = write_report(client, bench.datasets, bench.methods, bench.ipcs, out=out)
+        cells = write_report(
+            mlflow.MlflowClient(), bench.datasets, bench.methods, bench.ipcs,
+            experiment=bench.experiment, out=out,
+        )  # fmt: skip
         mlflow.log_artifact(str(out / "benchmark.md"))
         mlflow.log_artifact(str(out / "results.csv"))
         mlflow.log_metric("cells", cells)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from pipelines.common import open_stage, run_id, run_main
+from pipelines.common import open_stage, run_main
 from wmdd import paths
 from wmdd.config import flatten
 from wmdd.data import load_data
@@ -23,11 +23,14 @@ from wmdd.utils import atomic_file, derive_seed, peak_memory_mb, write_json
 def main(argv: list[str] | None = None) -> None:
     stage = open_stage("teacher", __doc__, argv)
     profile, dataset, device = stage.profile, stage.args.dataset, stage.device
-    data = load_data(paths.data_dir(dataset), profile.data)
+    data_dir = paths.data_dir(dataset)
+    data = load_data(data_dir, profile.data)
     check_teacher_source(profile.teacher, data, dataset)
     seed = derive_seed(stage.bench.seed, dataset, "teacher")
     params = {**flatten(profile.teacher, "teacher."), "seed": seed}
-    with stage.tracked(params=params, inputs=[paths.data_dir(dataset)]) as mlflow:
+    outputs = [paths.teacher_path(dataset), paths.teacher_metrics_path(dataset)]
+    resume = stage.checkpoints(params=params, inputs=[data_dir])
+    with stage.tracked(params=params, inputs=[data_dir], outputs=outputs) as mlflow:
         start = time.perf_counter()
         model, extra = obtain_teacher(
             profile.teacher,
@@ -39,18 +42,18 @@ def main(argv: list[str] | None = None) -> None:
             log_epoch=lambda h: mlflow.log_metrics(
                 {"train_loss": h["loss"], "val_top1_epoch": h["val_top1"]}, step=h["epoch"]
             ),
+            checkpoint=resume.loop("teacher", "teacher"),
         )
         mlflow.set_tags({k.replace("_", "."): v for k, v in extra.items()})
         seconds = time.perf_counter() - start
         acc = split_validator(data, device=device)(model, 256)
-        metrics = {"val_top1": acc.top1, "val_top5": acc.top5, "seconds": seconds}
-        metrics["peak_mem_mb"] = peak_memory_mb(device)
+        metrics = {"val_top1": acc.top1, "val_top5": acc.top5}
         with atomic_file(paths.teacher_path(dataset)) as tmp:
             info = {"val_top1": acc.top1, "profile": dataset, "seed": seed, **extra}
             save_teacher(model, tmp, model_cfg=profile.teacher.model, data=data, extra=info)
-        mlflow.log_metrics(metrics)
-        metrics_file = paths.teacher_metrics_path(dataset)
-        write_json(metrics_file, {**metrics, "mlflow_run_id": run_id(mlflow)})
+        mlflow.log_metrics({**metrics, "seconds": seconds, "peak_mem_mb": peak_memory_mb(device)})
+        write_json(paths.teacher_metrics_path(dataset), metrics)  # run metadata: MLflow only
+    resume.clear()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 A module-scoped fixture builds what the pipeline leaves behind for a small grid (3 profiles
 x 5 methods x 2 IPCs): an SQLite MLflow store holding the runs the teacher / distill /
-relabel / evaluate stages log (the same metric, tag and artefact names, see
-``pipelines/*.py``) and the DVC output JSON files naming them, laid out as ``wmdd.paths``
-puts them. The store also holds a superseded evaluate run that no output names. Every
+relabel / evaluate / diagnose stages log (the same metric, tag and artefact names, see
+``pipelines/*.py``, with the ``input.<path>.md5`` / ``output.<path>.md5`` tags that join runs
+to outputs by content) and the DVC output files, laid out as ``wmdd.paths`` puts them. The
+store also holds a superseded evaluate run whose output is not the one on disk. Every
 accuracy is hand-picked, so means, stds, gains and Welch p-values are checked against
 values computed here, not by the code under test. No model is trained: seconds in total.
 """
@@ -46,7 +47,7 @@ from wmdd.report.benchmark import (
     welch,
 )
 from wmdd.tracking.runs import package_versions
-from wmdd.utils import read_json, write_json
+from wmdd.utils import file_digest, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
@@ -85,6 +86,7 @@ class Tree:
     root: Path
     uri: str
     orphan_id: str
+    run_ids: dict[tuple[str, object], str] = field(default_factory=dict)  # (stage, cell) -> id
     preview: dict[tuple[str, str, int], bytes] = field(default_factory=dict)
     distill: dict[tuple[str, str, int], dict[str, float]] = field(default_factory=dict)
     relabel: dict[tuple[str, str, int], dict[str, float]] = field(default_factory=dict)
@@ -130,8 +132,17 @@ def _log_run(
     metrics: dict[str, float],
     params: dict[str, object] | None = None,
     history: dict[str, list[float]] | None = None,
+    *,
+    outputs: tuple[Path, ...] = (),
+    inputs: tuple[Path, ...] = (),
 ) -> str:
-    """One finished run with final metrics (step 0) and optional per-step curves."""
+    """One finished run with final metrics (step 0) and optional per-step curves, tagged
+    with the MD5 of the files it read and wrote (as ``wmdd.tracking.runs.stage_run``)."""
+    tags = {
+        **tags,
+        **{f"output.{f.as_posix()}.md5": file_digest(f, "md5") for f in outputs},
+        **{f"input.{f.as_posix()}.md5": file_digest(f, "md5") for f in inputs},
+    }
     run_id = client.create_run(exp_id, run_name=tags["mlflow.runName"]).info.run_id
     steps = [
         Metric(k, v, 0, (i + 1) * 10)
@@ -148,22 +159,24 @@ def _log_run(
     return run_id
 
 
-def _teacher(client: MlflowClient, exp_id: str, profile: str) -> None:
+def _teacher(client: MlflowClient, exp_id: str, profile: str) -> str:
     metrics = {
         "val_top1": TEACHER_TOP1[profile],
         "val_top5": 99.0,
         "seconds": 63.5,
         "peak_mem_mb": 1020.5,
     }
-    run_id = _log_run(
+    out = paths.teacher_metrics_path(profile)
+    write_json(out, {k: metrics[k] for k in ("val_top1", "val_top5")})
+    return _log_run(
         client,
         exp_id,
         _stage_tags(profile, f"teacher/{profile}"),
         metrics,
         params={"teacher.epochs": 30, "seed": 7},
         history={"val_top1_epoch": [40.0, 60.0], "train_loss": [2.0, 1.0]},
+        outputs=(out,),
     )
-    write_json(paths.teacher_metrics_path(profile), {**metrics, "mlflow_run_id": run_id})
 
 
 def _distill(client: MlflowClient, exp_id: str, tree: Tree, cell: tuple[str, str, int]) -> None:
@@ -180,12 +193,11 @@ def _distill(client: MlflowClient, exp_id: str, tree: Tree, cell: tuple[str, str
         "images": 10 * ipc,
         "images_per_second": 10 * ipc / seconds,
     }
-    run_id = _log_run(client, exp_id, tags, metrics, params={"ipc": ipc, "seed": 11})
     out = paths.distilled_dir(*cell)
     out.mkdir(parents=True)
+    (out / "set.pt").write_bytes(f"images of {cell}".encode())  # distinct content per cell
     colour = (40 * PROFILES.index(profile), 50 * mi, ipc)  # a distinct image per cell
     Image.new("RGB", (4, 4), colour).save(out / "preview.png")
-    client.log_artifact(run_id, str(out / "preview.png"))
     meta = {
         **{k: v for k, v in tags.items() if k in ("dataset", "budget", "dataset_name")},
         "method": method,
@@ -193,10 +205,18 @@ def _distill(client: MlflowClient, exp_id: str, tree: Tree, cell: tuple[str, str
         "classes": "0:10",
         "config": {},
         "seed": 11,
-        **metrics,
-        "mlflow_run_id": run_id,
     }
     write_json(out / "meta.json", meta)
+    run_id = _log_run(
+        client,
+        exp_id,
+        tags,
+        metrics,
+        params={"ipc": ipc, "seed": 11},
+        outputs=(out / "set.pt", out / "preview.png", out / "meta.json"),
+    )
+    client.log_artifact(run_id, str(out / "preview.png"))
+    tree.run_ids["distill", cell] = run_id
     tree.preview[cell] = (out / "preview.png").read_bytes()
     tree.distill[cell] = metrics
 
@@ -209,7 +229,6 @@ def _relabel(client: MlflowClient, exp_id: str, tree: Tree, cell: tuple[str, str
         "label_bytes": 49860 * ipc,
         "peak_mem_mb": RELABEL_PEAK_MB,
     }
-    run_id = _log_run(client, exp_id, tags, metrics)
     body = {
         **{k: tags[k] for k in ("dataset", "budget", "dataset_name", "protocol", "protocol_hash")},
         "method": method,
@@ -217,10 +236,10 @@ def _relabel(client: MlflowClient, exp_id: str, tree: Tree, cell: tuple[str, str
         "stored": True,
         "eval_seeds": list(EVAL_SEEDS),
         "label_bytes": metrics["label_bytes"],
-        "relabel_seconds": metrics["relabel_seconds"],
-        "mlflow_run_id": run_id,
     }
-    write_json(paths.labels_dir(*cell) / "labels.json", body)
+    out = paths.labels_dir(*cell) / paths.LABELS_FILE
+    write_json(out, body)
+    tree.run_ids["relabel", cell] = _log_run(client, exp_id, tags, metrics, outputs=(out,))
     tree.relabel[cell] = metrics
 
 
@@ -237,15 +256,23 @@ def _diagnose(client: MlflowClient, exp_id: str, tree: Tree, cell: tuple[str, st
         "pixel_max": 4.0 if method == "dm" else 1.0,
         "images": float(10 * ipc),
     }
-    run_id = _log_run(client, exp_id, tags, metrics)
-    write_json(paths.diagnostics_path(*cell), {**metrics, "mlflow_run_id": run_id})
+    out = paths.diagnostics_path(*cell)
+    write_json(out, metrics)
+    tree.run_ids["diagnose", cell] = _log_run(client, exp_id, tags, metrics, outputs=(out,))
     tree.diagnose[cell] = metrics
 
 
 def _evaluate_run(
-    client: MlflowClient, exp_id: str, cell: tuple[str, str, int], top1: tuple[float, ...]
+    client: MlflowClient,
+    exp_id: str,
+    cell: tuple[str, str, int],
+    top1: tuple[float, ...],
+    *,
+    write: bool = True,
 ) -> tuple[str, dict]:
-    """An evaluate run as ``pipelines.evaluate`` logs it; returns (run id, metrics.json body)."""
+    """An evaluate run as ``pipelines.evaluate`` logs it, after writing its metrics.json
+    (``write=False``: a superseded run whose output is no longer on disk); returns
+    (run id, what was logged)."""
     profile, method, ipc = cell
     tags = _protocol_tags("evaluate", cell)
     per_seed = {
@@ -264,16 +291,29 @@ def _evaluate_run(
     # Curves end below the final value: the report must read ``seed<s>.final_top1``.
     history = {f"seed{s}.top1": [1.0, 2.0] for s in EVAL_SEEDS}
     history |= {f"seed{s}.loss": [3.0, 2.5] for s in EVAL_SEEDS}
-    run_id = _log_run(
-        client, exp_id, tags, metrics, params={"eval_seeds": list(EVAL_SEEDS)}, history=history
-    )
     body = {
         **summary,
-        "eval_seconds": metrics["eval_seconds"],
         "protocol_hash": PROTOCOL_HASH[profile],
-        "mlflow_run_id": run_id,
         "per_seed": {str(s): r for s, r in per_seed.items()},
     }
+    out = paths.results_path(*cell)
+    if write:
+        write_json(out, body)
+    else:  # tag what it wrote then, not what is on disk now
+        scratch = Path("superseded") / out
+        write_json(scratch, body)
+        tags[f"output.{out.as_posix()}.md5"] = file_digest(scratch, "md5")
+    inputs = (paths.distilled_dir(*cell) / "set.pt", paths.labels_dir(*cell) / paths.LABELS_FILE)
+    run_id = _log_run(
+        client,
+        exp_id,
+        tags,
+        metrics,
+        params={"eval_seeds": list(EVAL_SEEDS)},
+        history=history,
+        outputs=(out,) if write else (),
+        inputs=inputs,
+    )
     return run_id, {"metrics": metrics, "body": body}
 
 
@@ -287,17 +327,20 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Tree:
         mp.chdir(root)
         out = Tree(root=root, uri=uri, orphan_id="")
         for profile in PROFILES:
-            _teacher(client, exp_id, profile)
+            out.run_ids["teacher", profile] = _teacher(client, exp_id, profile)
         for cell in CELLS:
             _distill(client, exp_id, out, cell)
             _relabel(client, exp_id, out, cell)
             _diagnose(client, exp_id, out, cell)
-            _, logged = _evaluate_run(client, exp_id, cell, _top1(*cell))
-            write_json(paths.results_path(*cell), logged["body"])
+            out.run_ids["evaluate", cell], logged = _evaluate_run(
+                client, exp_id, cell, _top1(*cell)
+            )
             out.evaluate[cell] = logged["metrics"]
-        # A later evaluate run of a cell that no output names (e.g. a run whose outputs DVC
-        # discarded): the newest run in the store, with very different numbers.
-        out.orphan_id, _ = _evaluate_run(client, exp_id, ("digits", "wmdd", 1), (99.0, 98.0, 97.0))
+        # A later evaluate run of a cell whose output is not on disk (e.g. a run whose
+        # outputs DVC discarded): the newest run in the store, with very different numbers.
+        out.orphan_id, _ = _evaluate_run(
+            client, exp_id, ("digits", "wmdd", 1), (99.0, 98.0, 97.0), write=False
+        )
     return out
 
 
@@ -310,12 +353,8 @@ def client(tree: Tree) -> MlflowClient:
 def collected(tree: Tree, client: MlflowClient):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tree.root)
-        cells, teachers = collect_cells(client, PROFILES, METHODS, IPCS)
+        cells, teachers = collect_cells(client, PROFILES, METHODS, IPCS, experiment=EXPERIMENT)
     return cells, teachers, results_frame(cells, teachers)
-
-
-def _named_id(root: Path, json_path: Path) -> str:
-    return read_json(root / json_path)["mlflow_run_id"]
 
 
 def _row(df, profile: str, method: str, ipc: int):
@@ -333,62 +372,70 @@ def _copy_outputs(tree: Tree, dest: Path) -> None:
 # --- collect_cells ---------------------------------------------------------------------
 
 
-def test_collect_cells_resolves_exactly_the_runs_the_outputs_name(tree: Tree, collected) -> None:
+def test_collect_cells_resolves_the_runs_behind_the_outputs(tree: Tree, collected) -> None:
     cells, teachers, _ = collected
     assert [(c.profile, c.method, c.ipc) for c in cells] == CELLS
     for c in cells:
         cell = (c.profile, c.method, c.ipc)
-        assert c.evaluate.info.run_id == _named_id(tree.root, paths.results_path(*cell))
-        assert c.distill.info.run_id == _named_id(
-            tree.root, paths.distilled_dir(*cell) / "meta.json"
-        )
-        assert c.relabel.info.run_id == _named_id(
-            tree.root, paths.labels_dir(*cell) / "labels.json"
-        )
-        assert c.diagnose.info.run_id == _named_id(tree.root, paths.diagnostics_path(*cell))
-        assert [c.evaluate.data.tags["stage"], c.distill.data.tags["stage"]] == [
-            "evaluate",
-            "distill",
-        ]
-        assert c.relabel.data.tags["stage"] == "relabel"
+        assert c.evaluate.info.run_id == tree.run_ids["evaluate", cell]
+        assert c.distill.info.run_id == tree.run_ids["distill", cell]
+        assert c.relabel.info.run_id == tree.run_ids["relabel", cell]
+        assert c.diagnose.info.run_id == tree.run_ids["diagnose", cell]
+        stages = [r.data.tags["stage"] for r in (c.evaluate, c.distill, c.relabel, c.diagnose)]
+        assert stages == ["evaluate", "distill", "relabel", "diagnose"]
         assert c.per_seed_top1 == list(_top1(*cell))
     assert sorted(teachers) == sorted(PROFILES)
     for p, run in teachers.items():
-        assert run.info.run_id == _named_id(tree.root, paths.teacher_metrics_path(p))
+        assert run.info.run_id == tree.run_ids["teacher", p]
     resolved = {c.evaluate.info.run_id for c in cells}
     assert tree.orphan_id not in resolved
 
 
 def test_orphan_run_is_in_the_store_but_not_in_the_report(tree: Tree, client, collected) -> None:
-    """The superseded run is the newest evaluate run of its cell; the report ignores it."""
+    """The superseded run is the newest evaluate run of its cell, but its output is not the
+    one on disk: the report ignores it."""
     _, _, df = collected
     assert client.get_run(tree.orphan_id).data.metrics["top1_mean"] == pytest.approx(98.0)
     assert tree.orphan_id not in set(df.evaluate_run_id)
     assert _row(df, "digits", "wmdd", 1).top1_mean == pytest.approx(33.0)
 
 
+def test_a_rerun_with_the_same_output_is_the_run_reported(
+    tree: Tree, client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forced re-run writes the same bytes: the newest run that wrote them is reported."""
+    _copy_outputs(tree, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cell = ("cifar10_cpu", "sre2l", 10)
+    exp_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    rerun, _ = _evaluate_run(client, exp_id, cell, _top1(*cell))
+    try:
+        cells, _ = collect_cells(client, PROFILES, METHODS, IPCS, experiment=EXPERIMENT)
+        (found,) = [c for c in cells if (c.profile, c.method, c.ipc) == cell]
+        assert found.evaluate.info.run_id == rerun != tree.run_ids["evaluate", cell]
+    finally:
+        client.delete_run(rerun)
+
+
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "stage"),
     [
-        paths.teacher_metrics_path("imagenette_cpu"),
-        paths.results_path("cifar10_cpu", "dm", 10),
-        paths.distilled_dir("digits", "wmdd", 1) / "meta.json",
-        paths.labels_dir("digits", "random", 10) / "labels.json",
+        (paths.teacher_metrics_path("imagenette_cpu"), "teacher"),
+        (paths.results_path("cifar10_cpu", "dm", 10), "evaluate"),
+        (paths.diagnostics_path("digits", "herding", 1), "diagnose"),
     ],
-    ids=["teacher", "evaluate", "distill", "relabel"],
+    ids=["teacher", "evaluate", "diagnose"],
 )
-def test_unknown_run_id_is_a_report_error_naming_the_file(
-    tree: Tree, client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: Path
+def test_output_no_run_wrote_is_a_report_error_naming_the_file(
+    tree: Tree, client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: Path, stage: str
 ) -> None:
     _copy_outputs(tree, tmp_path)
-    body = read_json(tmp_path / bad)
-    unknown = "0" * 31 + "1"
-    write_json(tmp_path / bad, {**body, "mlflow_run_id": unknown})
+    write_json(tmp_path / bad, {**read_json(tmp_path / bad), "edited": True})
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ReportError) as err:
-        collect_cells(client, PROFILES, METHODS, IPCS)
-    assert str(bad) in str(err.value)
-    assert unknown in str(err.value)
+        collect_cells(client, PROFILES, METHODS, IPCS, experiment=EXPERIMENT)
+    assert str(bad) in str(err.value) and file_digest(bad, "md5") in str(err.value)
+    assert f"no FINISHED {stage} run" in str(err.value)
 
 
 def test_missing_output_file_names_the_file(
@@ -399,20 +446,12 @@ def test_missing_output_file_names_the_file(
     (tmp_path / missing).unlink()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        collect_cells(client, PROFILES, METHODS, IPCS)
+        collect_cells(client, PROFILES, METHODS, IPCS, experiment=EXPERIMENT)
 
 
-def test_output_without_run_id_is_a_report_error_naming_the_file(
-    tree: Tree, client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _copy_outputs(tree, tmp_path)
-    bad = paths.results_path("digits", "dm", 1)
-    body = read_json(tmp_path / bad)
-    del body["mlflow_run_id"]
-    write_json(tmp_path / bad, body)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ReportError, match=str(bad)):
-        collect_cells(client, PROFILES, METHODS, IPCS)
+def test_unknown_experiment_is_a_report_error(client) -> None:
+    with pytest.raises(ReportError, match="'no-such-experiment'"):
+        collect_cells(client, PROFILES, METHODS, IPCS, experiment="no-such-experiment")
 
 
 # --- results_frame ---------------------------------------------------------------------
@@ -472,7 +511,7 @@ def test_results_frame_joins_teacher_cost_and_provenance(tree: Tree, collected) 
         assert (row.dataset, row.budget) == (prof.data.name, prof.budget)
         assert (row.protocol, row.protocol_hash) == ("soft", PROTOCOL_HASH[profile])
         assert row.commit == COMMIT[:12]
-        assert row.evaluate_run_id == _named_id(tree.root, paths.results_path(*cell))
+        assert row.evaluate_run_id == tree.run_ids["evaluate", cell]
         di, rl, ev = tree.distill[cell], tree.relabel[cell], tree.evaluate[cell]
         assert row.distill_seconds == pytest.approx(di["distill_seconds"])
         assert row.images_per_second == pytest.approx(di["images_per_second"])
@@ -598,7 +637,7 @@ def test_render_markdown_prints_undefined_p_as_na(collected) -> None:
 
 def test_gain_table_without_random_says_so(tree: Tree, client, monkeypatch) -> None:
     monkeypatch.chdir(tree.root)
-    cells, teachers = collect_cells(client, ["digits"], ["wmdd"], IPCS)
+    cells, teachers = collect_cells(client, ["digits"], ["wmdd"], IPCS, experiment=EXPERIMENT)
     text = render_markdown(results_frame(cells, teachers), teachers, versions={}, figures={})
     assert "no method other than `random`" not in text
 
@@ -658,7 +697,7 @@ def test_main_writes_report_csv_and_figures(tree: Tree, client, collected, works
     assert [(r["profile"], r["method"], int(r["ipc"])) for r in rows] == CELLS
     for r in rows:
         cell = (r["profile"], r["method"], int(r["ipc"]))
-        assert r["evaluate_run_id"] == _named_id(workspace, paths.results_path(*cell))
+        assert r["evaluate_run_id"] == tree.run_ids["evaluate", cell]
         assert float(r["top1_mean"]) == pytest.approx(statistics.fmean(_top1(*cell)), abs=1e-4)
         assert int(r["seeds"]) == 3
         assert float(r["teacher_top1"]) == pytest.approx(TEACHER_TOP1[cell[0]])
@@ -698,9 +737,9 @@ def test_main_writes_report_csv_and_figures(tree: Tree, client, collected, works
     }
 
 
-def test_report_stage_exits_cleanly_on_unknown_run(workspace: Path, monkeypatch) -> None:
+def test_report_stage_exits_cleanly_on_an_output_no_run_wrote(workspace: Path, monkeypatch) -> None:
     bad = workspace / paths.teacher_metrics_path("digits")
-    write_json(bad, {**read_json(bad), "mlflow_run_id": "f" * 32})
+    write_json(bad, {**read_json(bad), "val_top1": 1.0})
     monkeypatch.delenv("WMDD_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as exit_:
         run_main(report_main, [])

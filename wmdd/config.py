@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -150,7 +151,48 @@ def from_dict(cls: type[T], data: Any, *, path: str) -> T:
             kwargs[name] = _convert(data[name], hints[name], _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{path}: missing required key {name!r}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a range check in the dataclass's __post_init__
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def check_ranges(
+    obj: Any,
+    *,
+    at_least: Mapping[str, int] | None = None,
+    positive: Sequence[str] = (),
+    non_negative: Sequence[str] = (),
+    unit_interval: Sequence[str] = (),
+    scales: Sequence[str] = (),
+) -> None:
+    """Raises ``ValueError("<field>: expected ..., got ...")`` for the first field of ``obj``
+    out of its range; :func:`from_dict` prefixes the key path. Floats must also be finite
+    (``.nan`` and ``.inf`` are refused)."""
+
+    def fail(name: str, expected: str) -> None:
+        raise ValueError(f"{name}: expected {expected}, got {getattr(obj, name)!r}")
+
+    for name, low in (at_least or {}).items():
+        if getattr(obj, name) < low:
+            fail(name, f">= {low}")
+    for name in positive:
+        value = getattr(obj, name)
+        if not (math.isfinite(value) and value > 0):
+            fail(name, "a finite number > 0")
+    for name in non_negative:
+        value = getattr(obj, name)
+        if not (math.isfinite(value) and value >= 0):
+            fail(name, "a finite number >= 0")
+    for name in unit_interval:
+        if not 0 <= getattr(obj, name) < 1:
+            fail(name, "a number in [0, 1)")
+    for name in scales:
+        lo, hi = getattr(obj, name)
+        if not 0 < lo <= hi <= 1:
+            fail(name, "[lo, hi] with 0 < lo <= hi <= 1")
 
 
 def to_dict(obj: Any) -> Any:
@@ -209,6 +251,13 @@ class DataConfig:
     url: str = ""  # source: download: a mirror URL replacing the official one
     download_dir: str = "data/downloads"  # source: download: where archives are kept
 
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least={"resolution": 0, "workers": 0})
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(
+                f"val_fraction: expected a number in (0, 1), got {self.val_fraction!r}"
+            )
+
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -224,6 +273,16 @@ class TeacherConfig:
     # "torchvision:resnet18.IMAGENET1K_V1" | "timm:<model name>" | "file:<path>" | "" (train).
     pretrained: str = ""
     pretrained_dir: str = ""  # where weight files are looked for ("" = torch hub's checkpoints)
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            at_least={"epochs": 1, "batch_size": 1},
+            positive=("lr",),
+            non_negative=("weight_decay",),
+            unit_interval=("momentum",),
+            scales=("crop_scale",),
+        )
 
 
 @dataclass(frozen=True)
@@ -245,6 +304,15 @@ class SoftProtocolConfig:
     eval_interval: int = 1  # validate every this many epochs (and always at the last)
     eval_batch_size: int = 256  # batch size for validation
 
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            at_least={"epochs": 1, "batch_size": 1, "eval_interval": 1, "eval_batch_size": 1},
+            positive=("lr", "cutmix_alpha", "temperature"),
+            non_negative=("weight_decay",),
+            scales=("crop_scale",),
+        )
+
 
 @dataclass(frozen=True)
 class HardProtocolConfig:
@@ -258,6 +326,15 @@ class HardProtocolConfig:
     weight_decay: float = 5e-4  # SGD weight decay
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"  # DSA on every batch ("" = none)
     eval_batch_size: int = 256  # batch size for validation
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            at_least={"epochs": 1, "batch_size": 1, "eval_batch_size": 1},
+            positive=("lr",),
+            non_negative=("weight_decay",),
+            unit_interval=("momentum",),
+        )
 
 
 @dataclass(frozen=True)
@@ -296,10 +373,27 @@ class BenchmarkConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """How stages run; nothing here changes a result, so no stage depends on it."""
+
+    # Long loops (teacher, student, synthesis) save a resumable checkpoint at most this often,
+    # in seconds (0 = at every epoch or iteration, -1 = never); see wmdd.checkpoint.
+    checkpoint_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.checkpoint_seconds) and self.checkpoint_seconds >= -1):
+            raise ValueError(
+                f"checkpoint_seconds: expected seconds >= 0, or -1 for never, got "
+                f"{self.checkpoint_seconds!r}"
+            )
+
+
+@dataclass(frozen=True)
 class Params:
     benchmark: BenchmarkConfig
     datasets: dict[str, ProfileConfig]
     methods: dict[str, dict[str, Any] | None]  # validated per method by pipelines.registry
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # how stages run
 
     def profile(self, name: str) -> ProfileConfig:
         """The profile ``name`` or a ConfigError listing the known ones."""

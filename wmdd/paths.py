@@ -25,6 +25,10 @@ def distilled_dir(profile: str, method: str, ipc: int) -> Path:
     return Path("distilled") / profile / method / f"ipc{ipc}"
 
 
+SET_FILE = "set.pt"  # the distilled set inside its distilled directory
+LABELS_FILE = "labels.json"  # the relabel stage's record inside its labels directory
+
+
 def labels_dir(profile: str, method: str, ipc: int) -> Path:
     return Path("labels") / profile / method / f"ipc{ipc}"
 

@@ -8,6 +8,7 @@ saved) is applied by :func:`jpeg_roundtrip` when a method asks for it.
 
 from __future__ import annotations
 
+import inspect
 import io
 import time
 from collections.abc import Callable
@@ -20,9 +21,16 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from wmdd.utils import atomic_dir, peak_memory_mb, reset_peak_memory, write_json
+from wmdd.paths import SET_FILE
+from wmdd.utils import (
+    ArtifactError,
+    atomic_dir,
+    load_artifact,
+    peak_memory_mb,
+    reset_peak_memory,
+    write_json,
+)
 
-SET_FILE = "set.pt"
 AUX_FILE = "aux.pt"
 PREVIEW_FILE = "preview.png"
 META_FILE = "meta.json"
@@ -59,9 +67,13 @@ class SyntheticSet:
 
     @classmethod
     def load(cls, path: Path) -> SyntheticSet:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path} not found (run the distill stage first)")
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+        """Reads ``set.pt``; errors name the file (corrupt, wrong keys, wrong shapes)."""
+        keys = ("images", "labels", "weights")
+        state = load_artifact(path, "synthetic set", keys=keys, stage="distill")
+        try:
+            return cls(**{k: state[k] for k in keys})
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ArtifactError(f"{path}: not a valid synthetic set: {err}") from None
 
 
 def to_uint8(pixels: Tensor) -> np.ndarray:
@@ -125,11 +137,19 @@ def parse_class_range(spec: str | None, num_classes: int) -> range:
 
 
 def run_method(
-    fn: Callable[..., SyntheticSet], *, device: torch.device, **kwargs: Any
+    fn: Callable[..., SyntheticSet],
+    *,
+    device: torch.device,
+    checkpoint: Any = None,
+    **kwargs: Any,
 ) -> tuple[SyntheticSet, dict[str, float]]:
     """Runs a method and measures it: ``(set, metrics)`` with ``distill_seconds``,
     ``peak_mem_mb``, ``images``, ``images_per_second`` and the method's own phase timings
-    (``aux["timings"]``, popped) as ``time_<phase>_seconds``."""
+    (``aux["timings"]``, popped) as ``time_<phase>_seconds``. ``checkpoint`` (a
+    :class:`wmdd.checkpoint.Checkpointer`) is passed to methods that take one (the long
+    optimisations: WMDD, SRe2L, DM)."""
+    if checkpoint is not None and "checkpoint" in inspect.signature(fn).parameters:
+        kwargs["checkpoint"] = checkpoint
     reset_peak_memory(device)
     start = time.perf_counter()
     synthetic = fn(device=device, **kwargs)

@@ -62,6 +62,25 @@ def file_digest(path: str | Path, algorithm: str = "sha256", chunk_size: int = 1
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where Linux allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_mode(path: Path, *, directory: bool) -> None:
+    """Gives a temporary file (0600) or directory (0700) the mode a plain ``open`` or
+    ``mkdir`` would have given it (0666 / 0777 minus the umask)."""
+    path.chmod((0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yields a temporary sibling directory that replaces ``path`` only on success.
@@ -77,6 +96,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _normal_mode(tmp, directory=True)
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     os.replace(tmp, path)
@@ -95,6 +115,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _normal_mode(tmp, directory=False)
     os.replace(tmp, path)
 
 
@@ -109,6 +130,46 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (has its DVC stage run?)")
     return json.loads(path.read_text())
+
+
+class ArtifactError(ValueError):
+    """A stage's input file cannot be read: corrupt, truncated, or from another version."""
+
+
+def load_artifact(
+    path: str | Path, what: str, *, keys: tuple[str, ...] = (), stage: str = ""
+) -> Any:
+    """``torch.load(path, weights_only=True)`` whose errors name the file and what it should
+    be, in one line, and say how to re-create it (never to load it unsafely).
+
+    Args:
+        what: What the file is ("teacher checkpoint", "synthetic set", ...).
+        keys: Keys the loaded mapping must have.
+        stage: The DVC stage that writes the file, for the hint.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ArtifactError: It does not load, or lacks ``keys``.
+    """
+    path = Path(path)
+    hint = f" (run the {stage} stage)" if stage else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found{hint}")
+    redo = f"; re-create it with `dvc repro --force` of its {stage} stage" if stage else ""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds: unpickling, zip, EOF, runtime
+        raise ArtifactError(
+            f"{path}: cannot read this {what}: the file is corrupt, truncated or was written by "
+            f"another version of this suite ({type(err).__name__}){redo}"
+        ) from None
+    if keys and not (isinstance(obj, dict) and all(k in obj for k in keys)):
+        found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ArtifactError(
+            f"{path}: not a {what} of this version of the suite: expected keys {list(keys)}, "
+            f"found {found}{redo}"
+        )
+    return obj
 
 
 def peak_memory_mb(device: torch.device) -> float:

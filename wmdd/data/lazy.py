@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset
 from wmdd.config import DataConfig
 from wmdd.data.folder import load_image
 from wmdd.data.prepared import PreparedData, TrainingImages, is_lazy, load_prepared
-from wmdd.utils import file_digest, read_json, write_json
+from wmdd.utils import file_digest, load_artifact, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -399,8 +399,8 @@ def load_lazy(
     manifest = read_json(manifest_path)
     if verify and file_digest(data_dir / INDEX_FILE) != manifest["checksums"][INDEX_FILE]:
         raise ValueError(f"{data_dir / INDEX_FILE}: checksum does not match its manifest")
-    index = torch.load(data_dir / INDEX_FILE, weights_only=True)
-    if index.get("format") != INDEX_FORMAT:
+    index = load_artifact(data_dir / INDEX_FILE, "lazy dataset index", stage="prepare")
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise ValueError(
             f"{data_dir / INDEX_FILE}: index format {index.get('format')!r}, expected "
             f"{INDEX_FORMAT}; index the source again"

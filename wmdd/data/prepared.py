@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from wmdd.utils import file_digest, read_json, write_json
+from wmdd.utils import file_digest, load_artifact, read_json, write_json
 
 DATA_FILE = "data.pt"
 MANIFEST_FILE = "manifest.json"
@@ -213,7 +213,9 @@ def load_prepared(data_dir: str | Path, *, verify: bool = False) -> PreparedData
         digest = file_digest(data_dir / DATA_FILE)
         if digest != manifest["checksums"][DATA_FILE]:
             raise ValueError(f"{data_dir / DATA_FILE}: checksum does not match its manifest")
-    tensors = torch.load(data_dir / DATA_FILE, weights_only=True)
+    keys = ("train_x", "train_y", "val_x", "val_y")
+    loaded = load_artifact(data_dir / DATA_FILE, "prepared dataset", keys=keys, stage="prepare")
+    tensors = {k: loaded[k] for k in keys}
     return PreparedData(
         name=manifest["dataset"],
         classes=list(manifest["classes"]),

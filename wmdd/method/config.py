@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from wmdd.config import check_ranges
 from wmdd.synthesis.loop import SynthesisConfig
 
 
@@ -24,7 +25,8 @@ class WMDDConfig:
     bn_batch_size: int = 100  # images per forward for BN stats ("batch_mean" depends on it)
 
     def __post_init__(self) -> None:
-        if self.lambda_bn < 0 or self.r_ce < 0:
-            raise ValueError(f"lambda_bn and r_ce must be >= 0, got {self.lambda_bn}, {self.r_ce}")
-        if self.feature_batch_size < 1 or self.bn_batch_size < 1:
-            raise ValueError("feature_batch_size and bn_batch_size must be >= 1")
+        check_ranges(
+            self,
+            at_least={"feature_batch_size": 1, "bn_batch_size": 1},
+            non_negative=("lambda_bn", "r_ce"),
+        )

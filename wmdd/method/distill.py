@@ -64,6 +64,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from wmdd.checkpoint import Checkpointer
 from wmdd.data.prepared import TrainingImages
 from wmdd.method.barycenter import class_barycenters, stack_supports
 from wmdd.method.config import WMDDConfig
@@ -228,6 +229,7 @@ def wmdd_distill(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    checkpoint: Checkpointer | None = None,
 ) -> SyntheticSet:
     """Distil ``ipc`` images for each class of ``classes`` with WMDD (see the module docstring).
 
@@ -241,6 +243,7 @@ def wmdd_distill(
         seed: Base seed (barycenter, init and augmentation seeds derive from it).
         device: Where the teacher runs.
         progress: tqdm bars.
+        checkpoint: Makes the synthesis resumable (:mod:`wmdd.checkpoint`).
 
     Returns:
         :class:`SyntheticSet` in normalised space ordered by (class, slot), with ``aux``:
@@ -276,6 +279,7 @@ def wmdd_distill(
             seed=seed,
             device=device,
             progress=progress,
+            checkpoint=checkpoint,
         )
     timings["optimise"] = stats["optimise_seconds"]
     aux: dict[str, Any] = {

@@ -8,6 +8,7 @@ resolution, normalisation) so it can be rebuilt and loaded with ``strict=True``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from wmdd.augment.views import random_crop_flip
+from wmdd.checkpoint import Checkpointer, loop_state, restore_loop
 from wmdd.config import ModelConfig, TeacherConfig, to_dict
 from wmdd.data.lazy import LazySplitSet
 from wmdd.data.prepared import PreparedData
@@ -26,7 +28,7 @@ from wmdd.models.accuracy import evaluate
 from wmdd.models.optim import weight_decay_groups
 from wmdd.models.pretrained import PretrainedInfo, load_pretrained
 from wmdd.models.registry import create_model
-from wmdd.utils import cosine_factor, generator, seeded_init
+from wmdd.utils import cosine_factor, generator, load_artifact, seeded_init
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,14 @@ def train_teacher(
     device: torch.device,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Trains the teacher from scratch by ``cfg``'s recipe.
 
     ``on_epoch`` receives each epoch's ``{epoch, loss, val_top1, lr}`` as soon as it ends
     (the teacher stage logs it to MLflow, so a long run can be followed in the UI).
+    ``checkpoint`` saves the whole training state at epoch ends and resumes from it: a
+    resumed run gives the same weights, bit for bit, as an uninterrupted one.
 
     Returns:
         The model (eval mode) and a per-epoch history ``[{epoch, loss, val_top1, lr}]``.
@@ -71,8 +76,19 @@ def train_teacher(
     # On a GPU, batches are gathered from pinned host memory and copied asynchronously;
     # normalisation and augmentation then run on the device (same ops, same order as on CPU).
     train_x = data.train_x.pin_memory() if device.type == "cuda" else data.train_x
-    history = []
-    bar = tqdm(range(cfg.epochs), desc="teacher", unit="epoch", disable=not progress)
+    history: list[dict] = []
+    start_epoch = 0
+    if checkpoint is not None and (state := checkpoint.load()) is not None:
+        restore_loop(state, model=model, optimizer=opt, scheduler=sched, generator=gen)
+        history, start_epoch = state["history"], state["epoch"]
+    bar = tqdm(
+        range(start_epoch, cfg.epochs),
+        desc="teacher",
+        unit="epoch",
+        disable=not progress,
+        initial=start_epoch,
+        total=cfg.epochs,
+    )
     for epoch in bar:
         model.train()
         order = torch.randperm(n, generator=gen)
@@ -101,6 +117,19 @@ def train_teacher(
             }
         )
         bar.set_postfix(loss=f"{running / n:.3f}", val_top1=f"{acc.top1:.1f}")
+        if checkpoint is not None:
+            checkpoint.step(
+                functools.partial(
+                    loop_state,
+                    f"epoch {epoch + 1} of {cfg.epochs}",
+                    model=model,
+                    optimizer=opt,
+                    scheduler=sched,
+                    generator=gen,
+                    epoch=epoch + 1,
+                    history=history,
+                )
+            )
         if on_epoch is not None:
             on_epoch(history[-1])
     model.eval()
@@ -143,6 +172,7 @@ def obtain_teacher(
     device: torch.device,
     progress: bool = True,
     log_epoch: Callable[[dict], None] | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> tuple[nn.Module, dict]:
     """The profile's teacher: ``cfg.pretrained`` loaded strictly, or trained by the recipe.
 
@@ -162,7 +192,13 @@ def obtain_teacher(
 
     assert isinstance(data, PreparedData)  # lazy data was refused above
     model, _ = train_teacher(
-        cfg, data, seed=seed, device=device, progress=progress, on_epoch=on_epoch
+        cfg,
+        data,
+        seed=seed,
+        device=device,
+        progress=progress,
+        on_epoch=on_epoch,
+        checkpoint=checkpoint,
     )
     return model, {}
 
@@ -192,15 +228,15 @@ def save_teacher(
     )
 
 
+TEACHER_KEYS = ("state_dict", "model", "num_classes", "in_chans", "resolution")
+
+
 def load_teacher(path: str | Path, *, device: torch.device) -> nn.Module:
     """Rebuilds the teacher from its checkpoint and loads it with ``strict=True``.
 
     Returns the model in eval mode with frozen parameters.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint {path} not found (run the teacher stage)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_artifact(path, "teacher checkpoint", keys=TEACHER_KEYS, stage="teacher")
     cfg = ckpt["model"]
     model = create_model(
         cfg["name"],
@@ -218,5 +254,5 @@ def load_teacher(path: str | Path, *, device: torch.device) -> nn.Module:
 
 def teacher_checkpoint_info(path: str | Path) -> dict:
     """Everything in a teacher checkpoint except the weights."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_artifact(path, "teacher checkpoint", keys=TEACHER_KEYS, stage="teacher")
     return {k: v for k, v in ckpt.items() if k != "state_dict"}

@@ -9,6 +9,7 @@ DM back to its published numbers; the soft-label protocol is the suite's headlin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -17,8 +18,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from wmdd.augment.dsa import DSAConfig, dsa
+from wmdd.checkpoint import Checkpointer, loop_state, restore_loop
 from wmdd.config import HardProtocolConfig
 from wmdd.models.accuracy import Accuracy
+from wmdd.protocol.soft import student_result
 from wmdd.utils import generator
 
 
@@ -32,10 +35,11 @@ def train_student_hard(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    checkpoint: Checkpointer | None = None,
 ) -> dict:
     """Trains ``student`` on ``(images, labels)`` with cross-entropy; same result dict as
     :func:`wmdd.protocol.soft.train_student_soft` (``best_*`` from the final evaluation only;
-    ``validate`` as there)."""
+    ``validate`` and ``checkpoint`` as there)."""
     student.to(device).train()
     opt = torch.optim.SGD(
         student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -44,7 +48,13 @@ def train_student_hard(
     gen = generator(seed, "hard-label")
     images, labels = images.to(device), labels.to(device)
     dsa_cfg = DSAConfig(strategy=cfg.dsa_strategy) if cfg.dsa_strategy else None
-    for e in tqdm(range(cfg.epochs), desc="student (hard)", unit="epoch", disable=not progress):
+    first, total = 0, 0.0
+    if checkpoint is not None and (state := checkpoint.load()) is not None:
+        restore_loop(state, model=student, optimizer=opt, scheduler=sched, generator=gen)
+        first, total = state["epoch"], state["last_loss"]
+    epochs = range(first, cfg.epochs)
+    bar = tqdm(epochs, desc="student (hard)", unit="epoch", disable=not progress, initial=first)
+    for e in bar:
         order = torch.randperm(len(images), generator=gen).to(device)
         total = 0.0
         for start in range(0, len(images), cfg.batch_size):
@@ -60,14 +70,21 @@ def train_student_hard(
             opt.step()
             total += loss.item() * len(idx)
         sched.step()
+        if checkpoint is not None:
+            checkpoint.step(
+                functools.partial(
+                    loop_state,
+                    f"epoch {e + 1} of {cfg.epochs}",
+                    model=student,
+                    optimizer=opt,
+                    scheduler=sched,
+                    generator=gen,
+                    epoch=e + 1,
+                    last_loss=total,
+                )
+            )
     acc = validate(student, cfg.eval_batch_size)
     history = [
         {"epoch": cfg.epochs, "loss": total / len(images), "top1": acc.top1, "top5": acc.top5}
     ]
-    return {
-        "top1": acc.top1,
-        "top5": acc.top5,
-        "best_top1": acc.top1,
-        "best_epoch": cfg.epochs,
-        "history": history,
-    }
+    return student_result(history)

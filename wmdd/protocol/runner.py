@@ -9,16 +9,18 @@ validated on the full validation split.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from wmdd import paths
+from wmdd.checkpoint import Checkpointer, StageCheckpoints
 from wmdd.config import ModelConfig
 from wmdd.data.lazy import LazySplitSet
 from wmdd.data.prepared import PreparedData
-from wmdd.models.accuracy import Validate
+from wmdd.models.accuracy import Validate, split_validator
 from wmdd.models.registry import create_model
 from wmdd.protocol.hard import train_student_hard
 from wmdd.protocol.plan import ProtocolPlan, SeedPlan
@@ -52,12 +54,16 @@ def evaluate_seed(
     device: torch.device,
     validate: Validate,
     progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> dict:
     """Trains one student and scores it with ``validate``
     (:func:`wmdd.models.accuracy.split_validator`, made once per cell so that a lazy split's
     loader serves every seed); returns ``train_student_*``'s result dict.
 
-    ``teacher`` is needed only when ``plan.evaluate_needs_teacher`` (online relabelling).
+    ``teacher`` is needed only when ``plan.evaluate_needs_teacher`` (online relabelling);
+    ``on_epoch`` receives each validated epoch of the soft protocol; ``checkpoint`` makes
+    the training resumable.
     """
     student = build_student(
         plan.settings.student,
@@ -77,6 +83,7 @@ def evaluate_seed(
             validate=validate,
             device=device,
             progress=progress,
+            checkpoint=checkpoint,
         )
     labels: StoredLabels | OnlineLabels
     if plan.stores_labels:
@@ -93,6 +100,8 @@ def evaluate_seed(
         validate=validate,
         device=device,
         progress=progress,
+        on_epoch=on_epoch,
+        checkpoint=checkpoint,
     )
 
 
@@ -105,6 +114,46 @@ def summarise(per_seed: dict[int, dict]) -> dict:
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     out["n"] = len(per_seed)
     return out
+
+
+def evaluate_seeds(
+    plan: ProtocolPlan,
+    *,
+    data: PreparedData | LazySplitSet,
+    synthetic: SyntheticSet,
+    teacher: nn.Module | None,
+    labels_dir: Path,
+    device: torch.device,
+    resume: StageCheckpoints,
+    on_seed: Callable[[int, dict], None] | None = None,
+    progress: bool = True,
+) -> dict[int, dict]:
+    """:func:`evaluate_seed` for every seed of the plan, with one validator for all: a seed
+    finished before an interruption is taken from ``resume``, an interrupted one resumes
+    from its checkpoint. ``on_seed(eval_seed, result)`` follows each seed."""
+    validate = split_validator(data, device=device)
+    per_seed: dict[int, dict] = {}
+    for seed in plan.seeds:
+        name = f"seed{seed.eval_seed}"
+        result = resume.result(name)
+        if result is None:
+            result = evaluate_seed(
+                plan,
+                seed,
+                data=data,
+                synthetic=synthetic,
+                teacher=teacher,
+                labels_dir=labels_dir,
+                device=device,
+                validate=validate,
+                progress=progress,
+                checkpoint=resume.loop(name, f"student {name}"),
+            )
+            resume.save_result(name, result)
+        per_seed[seed.eval_seed] = result
+        if on_seed is not None:
+            on_seed(seed.eval_seed, result)
+    return per_seed
 
 
 def store_labels(
@@ -139,14 +188,12 @@ def log_seed(mlflow, eval_seed: int, result: dict) -> None:
     )
 
 
-def results_record(
-    summary: dict, per_seed: dict[int, dict], *, protocol_hash: str, seconds: float
-) -> dict:
-    """The evaluate stage's ``metrics.json``: the summary, the protocol hash, the wall time
-    and per seed the final top-1 / top-5, best top-1 and its epoch."""
+def results_record(summary: dict, per_seed: dict[int, dict], *, protocol_hash: str) -> dict:
+    """The evaluate stage's ``metrics.json``: the summary, the protocol hash and per seed
+    the final top-1 / top-5, best top-1 and its epoch (no run metadata: the wall time and
+    memory are MLflow metrics of the run)."""
     return {
         **summary,
-        "eval_seconds": seconds,
         "protocol_hash": protocol_hash,
         "per_seed": {
             str(s): {k: r[k] for k in ("top1", "top5", "best_top1", "best_epoch")}

@@ -26,6 +26,7 @@ seeds do not depend on the method, so every method sees the same random views
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,11 @@ from wmdd.augment.views import (
     sample_cutmix,
     sample_flips,
 )
+from wmdd.checkpoint import Checkpointer, loop_state, restore_loop
 from wmdd.config import SoftProtocolConfig
 from wmdd.models.accuracy import Accuracy
 from wmdd.models.optim import weight_decay_groups
-from wmdd.utils import cosine_factor, generator
+from wmdd.utils import cosine_factor, generator, load_artifact
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,10 @@ class StoredLabels:
 
     @classmethod
     def load(cls, path: Path) -> StoredLabels:
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+        """Reads a ``seed<s>.pt`` written by :meth:`save`; errors name the file."""
+        keys = tuple(cls.__dataclass_fields__)
+        state = load_artifact(path, "stored soft-label file", keys=keys, stage="relabel")
+        return cls(**{k: state[k] for k in keys})
 
     def nbytes(self) -> int:
         return sum(
@@ -241,6 +246,8 @@ def train_student_soft(
     cfg: SoftProtocolConfig,
     device: torch.device,
     progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> dict:
     """Trains ``student`` on relabelled views of ``images``; validates on the full split.
 
@@ -248,6 +255,9 @@ def train_student_soft(
         images: (N, C, R, R) synthetic set in normalised space, on ``device``.
         validate: ``validate(model, batch_size)`` scores a model on the full validation
             split (:func:`wmdd.models.accuracy.split_validator`: cached tensors or a lazy loader).
+        on_epoch: Receives each validated epoch's ``{epoch, loss, top1, top5}``.
+        checkpoint: Saves the training state at epoch ends and resumes from it (the views of
+            an epoch depend on the seed and the epoch alone, so a resumed run is identical).
 
     Returns:
         ``{"top1", "top5", "best_top1", "best_epoch", "history": [{epoch, loss, top1, top5}]}``.
@@ -256,7 +266,18 @@ def train_student_soft(
     opt = torch.optim.AdamW(weight_decay_groups(student, cfg.weight_decay), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cosine_factor(e, cfg.epochs))
     history: list[dict] = []
-    bar = tqdm(range(cfg.epochs), desc="student", unit="epoch", disable=not progress)
+    start = 0
+    if checkpoint is not None and (state := checkpoint.load()) is not None:
+        restore_loop(state, model=student, optimizer=opt, scheduler=sched)
+        history, start = state["history"], state["epoch"]
+    bar = tqdm(
+        range(start, cfg.epochs),
+        desc="student",
+        unit="epoch",
+        disable=not progress,
+        initial=start,
+        total=cfg.epochs,
+    )
     for e in bar:
         student.train()
         total, count = 0.0, 0
@@ -275,6 +296,26 @@ def train_student_soft(
                 {"epoch": e + 1, "loss": total / count, "top1": acc.top1, "top5": acc.top5}
             )
             bar.set_postfix(loss=f"{total / count:.3f}", top1=f"{acc.top1:.1f}")
+            if on_epoch is not None:
+                on_epoch(history[-1])
+        if checkpoint is not None:
+            checkpoint.step(
+                functools.partial(
+                    loop_state,
+                    f"epoch {e + 1} of {cfg.epochs}",
+                    model=student,
+                    optimizer=opt,
+                    scheduler=sched,
+                    epoch=e + 1,
+                    history=history,
+                )
+            )
+    return student_result(history)
+
+
+def student_result(history: list[dict]) -> dict:
+    """The protocol's numbers from a student's validation history: the final epoch's top-1
+    (the headline) and top-5, the best epoch's top-1 and that epoch."""
     best = max(history, key=lambda h: h["top1"])
     return {
         "top1": history[-1]["top1"],

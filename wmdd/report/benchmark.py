@@ -1,9 +1,12 @@
 """The benchmark report, built from what MLflow recorded.
 
-The stages' DVC outputs name the MLflow run that produced them (``mlflow_run_id`` in
-``models/<p>/metrics.json``, ``distilled/.../meta.json``, ``labels/.../labels.json``,
-``results/.../metrics.json`` and ``results/.../diagnostics.json``). The report resolves exactly those runs in the tracking store
-and takes every number from them, so the tables equal what MLflow shows. It writes:
+Every stage run tags the MD5 of each file it read (``input.<path>.md5``) and wrote
+(``output.<path>.md5``). The report finds the run behind each output it depends on
+(``models/<p>/metrics.json``, ``results/.../metrics.json``, ``results/.../diagnostics.json``)
+by that content hash, and the distill and relabel runs behind an evaluation by the hashes
+the evaluate run recorded for ``set.pt`` and ``labels.json``; the newest FINISHED such run
+wins. It takes every number from those runs, so the tables equal what MLflow shows, and it
+reads no other file. It writes:
 
 * ``reports/benchmark.md`` — per dataset profile and budget: methods x IPC as
   ``mean ± std (n)`` of the final-epoch top-1, the teacher's accuracy, the gain over the
@@ -32,7 +35,7 @@ from scipy import stats
 
 from wmdd import paths
 from wmdd.tracking.runs import package_versions
-from wmdd.utils import atomic_dir, atomic_file, read_json
+from wmdd.utils import atomic_dir, atomic_file, file_digest
 
 # Published ResNet-18 top-1 (%) from the WMDD paper's main table (Liu et al., Table 1), keyed by
 # dataset registry name, then method, then IPC. The Random and DM rows were measured by
@@ -131,37 +134,89 @@ class Cell:
     per_seed_top1: list[float]
 
 
-def _get_run(client, run_id: str, what: Path) -> Any:
-    try:
-        return client.get_run(run_id)
-    except Exception as err:  # MlflowException for unknown ids
-        raise ReportError(
-            f"{what} refers to MLflow run {run_id}, which the tracking store does not hold "
-            f"({err.__class__.__name__}). The store is the one in MLFLOW_TRACKING_URI or "
-            f"./mlflow.db; re-run the stage (`dvc repro --force <stage>`) to log it again."
-        ) from None
+def _md5(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (has its DVC stage run?)")
+    return file_digest(path, "md5")
 
 
-def _run_of(client, json_path: Path) -> Any:
-    run_id = read_json(json_path).get("mlflow_run_id")
-    if not isinstance(run_id, str) or not run_id:
-        raise ReportError(
-            f"{json_path}: no 'mlflow_run_id' (written by the stage that produced it); "
-            "re-run that stage (`dvc repro --force <stage>`)"
+def _search_all(client, experiment_id: str, stage: str) -> list[Any]:
+    """Every FINISHED run of ``stage`` in the experiment, newest first."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            f"tags.stage = '{stage}' and attributes.status = 'FINISHED'",
+            max_results=10000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
         )
-    return _get_run(client, run_id, json_path)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+class RunIndex:
+    """Finds the run behind an output by content: the newest FINISHED run of the stage
+    that tagged ``output.<path>.md5`` with the output's MD5 (outputs carry no run ids: a
+    re-run with the same inputs writes the same bytes, and the newest such run wins)."""
+
+    def __init__(self, client, experiment: str) -> None:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ReportError(
+                f"MLflow experiment {experiment!r} is not in the tracking store (the store is "
+                "$MLFLOW_TRACKING_URI or ./mlflow.db): run the pipeline first"
+            )
+        self._client, self._experiment_id = client, exp.experiment_id
+        self._runs: dict[str, list[Any]] = {}
+
+    def _stage(self, stage: str) -> list[Any]:
+        if stage not in self._runs:
+            self._runs[stage] = _search_all(self._client, self._experiment_id, stage)
+        return self._runs[stage]
+
+    def writer(self, stage: str, path: Path, md5: str, *, cell: str) -> Any:
+        key = f"output.{path.as_posix()}.md5"
+        for run in self._stage(stage):
+            if run.data.tags.get(key) == md5:
+                return run
+        raise ReportError(
+            f"{path} (md5 {md5}): no FINISHED {stage} run in the tracking store wrote this "
+            f"content. The store is $MLFLOW_TRACKING_URI or ./mlflow.db; re-run the stage "
+            f"(`dvc repro --force {stage}@{cell}`) to log it again."
+        )
+
+    def of_output(self, stage: str, path: Path, *, cell: str) -> Any:
+        """The run that wrote the file ``path`` as it is now."""
+        return self.writer(stage, path, _md5(path), cell=cell)
+
+    def of_input(self, stage: str, reader: Any, path: Path, *, cell: str) -> Any:
+        """The run that wrote the file ``path`` as ``reader`` (a later stage's run) read it."""
+        md5 = reader.data.tags.get(f"input.{path.as_posix()}.md5")
+        if md5 is None:
+            raise ReportError(
+                f"run {reader.info.run_id} ({reader.data.tags.get('mlflow.runName')}) does not "
+                f"record reading {path}: re-run it (`dvc repro --force`)"
+            )
+        return self.writer(stage, path, md5, cell=cell)
 
 
 def collect_cells(
-    client, profiles: Sequence[str], methods: Sequence[str], ipcs: Sequence[int]
+    client, profiles: Sequence[str], methods: Sequence[str], ipcs: Sequence[int], *, experiment: str
 ) -> tuple[list[Cell], dict[str, Any]]:
-    """Resolves the MLflow runs of every cell of the grid and every profile's teacher."""
+    """Resolves the MLflow runs behind every cell's outputs and every profile's teacher."""
+    index = RunIndex(client, experiment)
     cells, teachers = [], {}
     for p in profiles:
-        teachers[p] = _run_of(client, paths.teacher_metrics_path(p))
+        teachers[p] = index.of_output("teacher", paths.teacher_metrics_path(p), cell=p)
         for m in methods:
             for k in ipcs:
-                ev = _run_of(client, paths.results_path(p, m, k))
+                name = f"{p}-{m}-{k}"
+                ev = index.of_output("evaluate", paths.results_path(p, m, k), cell=name)
+                set_file = paths.distilled_dir(p, m, k) / paths.SET_FILE
+                labels_file = paths.labels_dir(p, m, k) / paths.LABELS_FILE
                 seeds = sorted(key for key in ev.data.metrics if key.endswith(".final_top1"))
                 cells.append(
                     Cell(
@@ -169,9 +224,9 @@ def collect_cells(
                         m,
                         k,
                         ev,
-                        _run_of(client, paths.distilled_dir(p, m, k) / "meta.json"),
-                        _run_of(client, paths.labels_dir(p, m, k) / "labels.json"),
-                        _run_of(client, paths.diagnostics_path(p, m, k)),
+                        index.of_input("distill", ev, set_file, cell=name),
+                        index.of_input("relabel", ev, labels_file, cell=name),
+                        index.of_output("diagnose", paths.diagnostics_path(p, m, k), cell=name),
                         [ev.data.metrics[s] for s in seeds],
                     )
                 )
@@ -462,11 +517,17 @@ def copy_grids(client, cells: list[Cell], figures_dir: Path) -> dict[str, list[s
 
 
 def write_report(
-    client, profiles: Sequence[str], methods: Sequence[str], ipcs: Sequence[int], *, out: Path
+    client,
+    profiles: Sequence[str],
+    methods: Sequence[str],
+    ipcs: Sequence[int],
+    *,
+    experiment: str,
+    out: Path,
 ) -> int:
     """Writes ``benchmark.md``, ``results.csv`` and ``figures/`` under ``out`` (each
     atomically) from the runs of the grid; returns the number of cells."""
-    cells, teachers = collect_cells(client, profiles, methods, ipcs)
+    cells, teachers = collect_cells(client, profiles, methods, ipcs, experiment=experiment)
     df = results_frame(cells, teachers)
     with atomic_dir(out / "figures") as fig_dir:
         figures = copy_grids(client, cells, fig_dir)

@@ -47,6 +47,7 @@ Departures from the official code (github Liu-Hy/WMDD, VILA-Lab/SRe2L), all deli
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from wmdd.augment.views import random_roll, resized_crops, sample_crop_boxes, sample_flips
+from wmdd.checkpoint import Checkpointer
+from wmdd.config import check_ranges
 from wmdd.data.prepared import TrainingImages
 from wmdd.synthetic_set import jpeg_roundtrip
 from wmdd.utils import cosine_factor, generator
@@ -94,23 +97,18 @@ class SynthesisConfig:
     jpeg_quality: int = 0  # 0 = lossless (default); 75 = the official code's JPEG round trip
 
     def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError(f"synthesis.iterations must be >= 1, got {self.iterations}")
-        if self.lr <= 0:
-            raise ValueError(f"synthesis.lr must be > 0, got {self.lr}")
-        if self.batch_budget < 1:
-            raise ValueError(f"synthesis.batch_budget must be >= 1, got {self.batch_budget}")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(
-                f"synthesis.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}"
-            )
+        check_ranges(
+            self,
+            at_least={"iterations": 1, "batch_budget": 1},
+            positive=("lr", "eps"),
+            scales=("crop_scale",),
+        )
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
         if self.jitter[0] > self.jitter[1]:
-            raise ValueError(f"synthesis.jitter must be (lo, hi) with lo <= hi, got {self.jitter}")
+            raise ValueError(f"jitter: expected (lo, hi) with lo <= hi, got {self.jitter!r}")
         if not 0 <= self.jpeg_quality <= 100:
-            raise ValueError(
-                f"synthesis.jpeg_quality must be 0 (off) or 1..100, got {self.jpeg_quality}"
-            )
+            raise ValueError(f"jpeg_quality: expected 0 (off) or 1..100, got {self.jpeg_quality!r}")
 
 
 def default_jitter(resolution: int) -> tuple[int, int]:
@@ -350,13 +348,27 @@ def _optimise_batch(
     x0: Tensor,
     bounds: tuple[Tensor, Tensor],
     device: torch.device,
+    resume: dict | None = None,
+    on_iteration: Callable[[Callable[[], dict]], None] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Adam + cosine lr + clamp on one batch from ``x0``; returns the last iterate and loss."""
+    """Adam + cosine lr + clamp on one batch from ``x0``; returns the last iterate and loss.
+
+    ``resume`` (a state ``on_iteration`` was given) continues an interrupted batch exactly:
+    iterate, Adam state, augmentation generator and iteration count. ``on_iteration``
+    receives, after every step, a callable building that state (called only when saved).
+    """
     x = x0.to(device).requires_grad_(True)  # (b, C, H, W); clamped after each step, not before
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     gen = generator(seed, "aug", *batch.key)
     components: dict[str, float] = {}
-    for t in range(cfg.iterations):
+    first = 0
+    if resume is not None:
+        with torch.no_grad():
+            x.copy_(resume["x"])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        first, components = resume["t"], resume["components"]
+    for t in range(first, cfg.iterations):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cosine_factor(t, cfg.iterations)
         loss, components = loss_fn(batch_views(x, cfg, gen), batch)
@@ -370,6 +382,18 @@ def _optimise_batch(
         with torch.no_grad():
             x.clamp_(*bounds)
         components = {**components, "loss": float(loss.detach())}
+        if on_iteration is not None:
+
+            def snapshot(done: int = t + 1, comps: dict[str, float] = components) -> dict:
+                return {
+                    "t": done,
+                    "x": x.detach().cpu().clone(),
+                    "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "components": comps,
+                }
+
+            on_iteration(snapshot)
     return x.detach().cpu(), components
 
 
@@ -399,6 +423,7 @@ def synthesize(
     progress: bool = True,
     to_pixels: Callable[[Tensor], Tensor] | None = None,
     from_pixels: Callable[[Tensor], Tensor] | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """Optimise every batch independently from scratch (see the module docstring).
 
@@ -416,6 +441,8 @@ def synthesize(
         to_pixels: Normalised -> [0, 1] pixels; with ``from_pixels``, needed iff
             ``cfg.jpeg_quality > 0`` (see :func:`pixel_maps`).
         from_pixels: [0, 1] pixels -> normalised space.
+        checkpoint: Saves the finished batches and the current batch's state between
+            iterations and resumes from them (the result is the same, bit for bit).
 
     Returns:
         ``(images (N, C, H, W) float32 CPU, labels (N,) int64, stats)`` sorted by (class, slot);
@@ -437,16 +464,47 @@ def synthesize(
         raise ValueError("synthesize: jpeg_quality > 0 needs to_pixels and from_pixels")
     bounds = (pixel_bounds[0].to(device), pixel_bounds[1].to(device))
     start = time.perf_counter()
-    outputs, finals = [], []
-    bar = tqdm(batches, desc="synthesis batches", disable=not progress)
-    for batch in bar:
+    outputs: list[Tensor] = []
+    finals: list[dict[str, float]] = []
+    partial = None
+    if checkpoint is not None and (state := checkpoint.load()) is not None:
+        outputs, finals, partial = state["outputs"], state["finals"], state["partial"]
+
+    def save(current: int, batch_state: Callable[[], dict] | None) -> None:
+        if checkpoint is None:
+            return
+
+        def state() -> dict:
+            part = batch_state() if batch_state is not None else None
+            step = f"iteration {part['t']}" if part else "start"
+            where = f"batch {current + 1} of {len(batches)}, {step}"
+            return {"where": where, "outputs": outputs, "finals": finals, "partial": part}
+
+        checkpoint.step(state)
+
+    bar = tqdm(batches, desc="synthesis batches", disable=not progress, initial=len(outputs))
+    for index, batch in enumerate(batches):
+        if index < len(outputs):  # finished before an interruption
+            continue
         x0 = _init_batch(batch, shape, seed, real_init if cfg.init == "real" else None)
         x, final = _optimise_batch(
-            batch, loss_fn=loss_fn, cfg=cfg, seed=seed, x0=x0, bounds=bounds, device=device
+            batch,
+            loss_fn=loss_fn,
+            cfg=cfg,
+            seed=seed,
+            x0=x0,
+            bounds=bounds,
+            device=device,
+            resume=partial if partial is not None else None,
+            on_iteration=functools.partial(save, index),
         )
+        partial = None
         outputs.append(x)
         finals.append(final)
+        save(index + 1, None)
+        bar.update(1)
         bar.set_postfix(loss=f"{final['loss']:.4g}")
+    bar.close()
     images, labels = _sorted_by_class_slot(outputs, batches)
     if cfg.jpeg_quality:
         assert to_pixels is not None and from_pixels is not None
@@ -472,6 +530,7 @@ def synthesize_dataset(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    checkpoint: Checkpointer | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """:func:`synthesize` with the image shape, clamp bounds, real-image init and JPEG pixel
     maps taken from ``data`` (what WMDD and SRe2L both need)."""
@@ -488,4 +547,5 @@ def synthesize_dataset(
         progress=progress,
         to_pixels=to_pixels,
         from_pixels=from_pixels,
+        checkpoint=checkpoint,
     )

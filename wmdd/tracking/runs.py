@@ -1,19 +1,29 @@
 """MLflow tracking: one run per DVC stage execution, with the tags that join it to DVC.
 
-The tracking store is ``$MLFLOW_TRACKING_URI`` when set (an MLflow server in containers),
-else an SQLite file ``mlflow.db`` in the project root (git-ignored). Every stage run gets:
+The store is :func:`wmdd.tracking.store.tracking_uri` (``$MLFLOW_TRACKING_URI`` or
+``./mlflow.db``). Every stage run gets:
 
 * params: the stage's resolved configuration, flattened (``teacher.lr``, ...);
 * tags: ``stage``, ``dataset`` (profile), ``method``, ``ipc``, ``git_commit`` (+ ``git_dirty``),
-  ``protocol_hash`` where relevant, ``input.<path>.md5`` for each DVC input file (DVC's own
-  hash of a file is its MD5, so runs and ``dvc.lock`` entries can be joined), the versions
-  of torch / torchvision / timm / POT / python, and the device;
-* metrics and small artefacts (preview grids, the report) logged by the stage itself.
+  ``protocol_hash`` where relevant, the versions of torch / torchvision / timm / POT /
+  python, the device and torch's thread count, the host and process id;
+* ``input.<path>.md5`` for each file the stage read and, once the stage succeeded,
+  ``output.<path>.md5`` for each file it wrote. DVC's own hash of a file is its MD5, so
+  runs join ``dvc.lock``, and the report finds the run behind an output by its content
+  (outputs carry no run ids, timings or hosts: a re-run with the same inputs writes the
+  same bytes, and DVC sees nothing changed);
+* metrics and small artefacts logged by the stage itself.
+
+Run state stays true: a stage that raises ends its run FAILED; SIGTERM or SIGINT (Ctrl-C,
+``kill``, the parent ``dvc`` dying, see :func:`wmdd.tracking.lifecycle.die_with_parent`)
+ends it KILLED; a run of the same stage and cell left RUNNING by a process that no longer
+exists (``kill -9``, a lost node) is marked FAILED, with a note, when the cell runs again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -25,22 +35,14 @@ from typing import Any
 
 import torch
 
+from wmdd.tracking import lifecycle
+from wmdd.tracking.store import RetryingMlflow, ensure_experiment, retrying, tracking_uri
 from wmdd.utils import file_digest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DB = "mlflow.db"
 _PARAM_BATCH = 100  # MLflow's per-call limit
 _PARAM_MAX_LEN = 6000  # MLflow's value length limit
-
-
-def tracking_uri(root: Path | None = None) -> str:
-    """``$MLFLOW_TRACKING_URI`` or ``sqlite:///<root>/mlflow.db``."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    root = (root or Path.cwd()).resolve()
-    return f"sqlite:///{root / DEFAULT_DB}"
 
 
 def package_versions() -> dict[str, str]:
@@ -101,6 +103,47 @@ def _log_params(mlflow, params: dict[str, Any]) -> None:
         mlflow.log_params(dict(items[i : i + _PARAM_BATCH]))
 
 
+def output_tags(paths: list[Path]) -> dict[str, str]:
+    """``output.<path>.md5`` for every file under ``paths``."""
+    return {"output." + k.removeprefix("input."): v for k, v in input_tags(paths).items()}
+
+
+CELL_TAGS = ("dataset", "method", "ipc", "classes")  # with ``stage``: what identifies a cell
+
+
+def mark_dead_runs(client: Any, experiment_id: str, stage: str, tags: dict[str, str]) -> list[str]:
+    """Marks FAILED the runs of this stage and cell that are still RUNNING although their
+    process, on this host, is gone; returns their ids. Runs of other hosts are left alone
+    (their process cannot be checked from here) and reported in the log."""
+    clauses = [f"tags.stage = '{stage}'", "attributes.status = 'RUNNING'"]
+    clauses += [f"tags.{k} = '{tags[k]}'" for k in CELL_TAGS if k in tags]
+    runs = retrying(
+        lambda: client.search_runs([experiment_id], " and ".join(clauses), max_results=1000)
+    )
+    marked = []
+    for run in runs:
+        host, pid = run.data.tags.get("host"), run.data.tags.get("pid", "")
+        token = run.data.tags.get("process_token", "")
+        if host != lifecycle.HOST:
+            log.warning(
+                "run %s of this cell is RUNNING on host %s; left as it is", run.info.run_id, host
+            )
+            continue
+        if pid.isdigit() and lifecycle.process_alive(int(pid), token):
+            continue
+        note = (
+            f"marked FAILED by a later run of the same cell: its process (pid {pid} on {host}) "
+            "no longer exists (killed with SIGKILL, or its machine went down)"
+        )
+        run_id = run.info.run_id
+        retrying(functools.partial(client.set_tag, run_id, "note", note))
+        retrying(functools.partial(client.set_terminated, run_id, "FAILED"))
+        marked.append(run_id)
+    if marked:
+        log.warning("marked %d dead RUNNING run(s) of this cell FAILED: %s", len(marked), marked)
+    return marked
+
+
 @contextlib.contextmanager
 def stage_run(
     *,
@@ -111,28 +154,49 @@ def stage_run(
     params: dict[str, Any],
     inputs: list[Path],
     device: torch.device,
+    outputs: list[Path] | None = None,
 ) -> Iterator[Any]:
-    """Starts an MLflow run for one stage execution and tags it; yields the ``mlflow`` module.
+    """Starts an MLflow run for one stage execution and tags it; yields the ``mlflow``
+    module (its logging calls retried while SQLite is busy).
 
-    A failing stage marks its run FAILED (MLflow's context manager does this) and re-raises.
+    On success the files under ``outputs`` are tagged with their MD5 and the run ends
+    FINISHED; on SIGTERM / SIGINT it ends KILLED, on any other exception FAILED, and the
+    exception propagates.
     """
     import mlflow  # heavy import, only in stage processes
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
+    uri = tracking_uri()
+    experiment_id = ensure_experiment(uri, experiment)
+    mlflow.set_tracking_uri(uri)
     commit, dirty = git_state()
+    str_tags = {k: str(v) for k, v in tags.items()}
     all_tags = {
         "stage": stage,
         "git_commit": commit,
         "git_dirty": str(dirty).lower(),
         "device": device_description(device),
+        "threads": str(torch.get_num_threads()),
+        **lifecycle.process_tags(),
         **{f"version.{k}": v for k, v in package_versions().items()},
         **input_tags(inputs),
-        **{k: str(v) for k, v in tags.items()},
+        **str_tags,
     }
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.set_tags(all_tags)
-        _log_params(mlflow, params)
-        log.info("MLflow run %s (%s) in %s", run.info.run_id, run_name, tracking_uri())
-        yield mlflow
+    mark_dead_runs(mlflow.MlflowClient(), experiment_id, stage, str_tags)
+    run = retrying(lambda: mlflow.start_run(experiment_id=experiment_id, run_name=run_name))
+    tracked = RetryingMlflow(mlflow)
+    try:
+        tracked.set_tags(all_tags)
+        _log_params(tracked, params)
+        log.info("MLflow run %s (%s) in %s", run.info.run_id, run_name, uri)
+        yield tracked
+        if outputs:
+            tracked.set_tags(output_tags(outputs))
+    except (KeyboardInterrupt, lifecycle.StageInterrupted) as err:
+        log.error("%s: interrupted (%s); MLflow run %s ends KILLED", run_name, err, run.info.run_id)
+        retrying(lambda: mlflow.end_run(status="KILLED"))
+        raise
+    except BaseException:
+        retrying(lambda: mlflow.end_run(status="FAILED"))
+        raise
+    retrying(lambda: mlflow.end_run(status="FINISHED"))
