@@ -176,6 +176,8 @@ def open_stage(
             f"--method {args.method!r}: not a key of params.yaml's methods "
             f"(known: {', '.join(sorted(params.methods))})"
         )
+    if params.benchmark.threads > 0:
+        torch.set_num_threads(params.benchmark.threads)
     return Stage(name, args, params, resolve_device(device or params.benchmark.device))
 
 

@@ -6,7 +6,7 @@
 Runs the profile's teacher once over the set's clean images and measures how many it
 assigns to their own class, how confidently, and how many pixel values lie outside the
 valid range. Writes ``results/<profile>/<method>/ipc<k>/diagnostics.json`` (declared as DVC
-metrics) with the MLflow run id; the report shows these beside the accuracies. Seconds
+metrics); the report shows these beside the accuracies. Seconds
 per cell: it needs neither the training images nor a student.
 """
 

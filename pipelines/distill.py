@@ -5,7 +5,7 @@
 
 Outputs ``distilled/<profile>/<method>/ipc<k>/``: ``set.pt`` (images in normalised space,
 labels, optional weights), ``preview.png`` (a grid, one row per class) and ``meta.json``
-(method config, seed, wall time, peak memory, images per second). ``--classes a:b``
+(the cell, method config and seed; wall time and memory are MLflow metrics). ``--classes a:b``
 distils only classes ``a..b-1`` (for sharding; the result equals that slice of a full run).
 """
 

@@ -5,7 +5,7 @@
 One student per eval seed (``benchmark.eval_seeds``), each from scratch; validation on the
 full validation split. Writes ``results/<profile>/<method>/ipc<k>/metrics.json`` (declared
 as DVC metrics): final top-1 (the headline), top-5 and best-epoch top-1 per seed, their
-mean / std (sample std, n - 1) / n, the protocol hash and the MLflow run id.
+mean / std (sample std, n - 1) / n and the protocol hash (the wall time is an MLflow metric).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
     python -m pipelines.teacher --dataset digits
 
 Outputs ``models/<profile>/teacher.pt`` (weights + the config to rebuild them strictly)
-and ``models/<profile>/metrics.json`` (validation top-1/top-5, wall time).
+and ``models/<profile>/metrics.json`` (validation top-1/top-5; wall time in MLflow).
 """
 
 from __future__ import annotations

@@ -370,6 +370,13 @@ class BenchmarkConfig:
     seed: int = 0  # base seed; all randomness derives from it
     experiment: str = "wmdd-benchmark"  # MLflow experiment name
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+    # torch intra-op threads per stage process (0 = torch's default: one per core). CPU
+    # kernels sum in an order that depends on it, so results are byte-identical only for
+    # the same value; stages that compute depend on it (dvc.yaml).
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least={"threads": 0})
 
 
 @dataclass(frozen=True)

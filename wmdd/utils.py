@@ -11,6 +11,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,9 @@ def load_artifact(
         raise FileNotFoundError(f"{what} {path} not found{hint}")
     redo = f"; re-create it with `dvc repro --force` of its {stage} stage" if stage else ""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about foreign pickles: see below
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds: unpickling, zip, EOF, runtime
         raise ArtifactError(
             f"{path}: cannot read this {what}: the file is corrupt, truncated or was written by "
