@@ -152,6 +152,13 @@ def sre2l_loss(
     return loss, {"ce": float(ce.detach()), "bn": float(bn.detach()), "total": float(loss.detach())}
 
 
+def class_group(config: SRe2LConfig, ipc: int) -> int:
+    """Classes per synthesis batch (:func:`slot_batches`): a class-range shard must start on
+    a multiple of it to reproduce a single run's batches."""
+    del ipc  # one image of each class per batch, whatever the IPC
+    return config.synthesis.batch_budget
+
+
 def sre2l(
     *,
     teacher: nn.Module | None,

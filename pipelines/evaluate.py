@@ -2,28 +2,29 @@
 
     python -m pipelines.evaluate --dataset digits --method random --ipc 10
 
-One student per eval seed (``benchmark.eval_seeds``), each from scratch; validation on the
-full validation split. Writes ``results/<profile>/<method>/ipc<k>/metrics.json`` (declared
-as DVC metrics): final top-1 (the headline), top-5 and best-epoch top-1 per seed, their
-mean / std (sample std, n - 1) / n and the protocol hash (the wall time is an MLflow metric).
+One student per eval seed, from scratch, validated on the full validation split. Writes
+``results/<profile>/<method>/ipc<k>/metrics.json`` (DVC metrics): final top-1 (headline),
+top-5, best-epoch top-1 per seed, mean / sample std / n, the protocol hash. ``--seed s``
+trains one seed as a part of the cell (kept in its checkpoint directory; no output).
 """
 
 from __future__ import annotations
-
-import time
 
 from pipelines.common import open_stage, run_main
 from wmdd import paths
 from wmdd.data import load_data
 from wmdd.models.teacher import load_teacher
 from wmdd.protocol.plan import protocol_plan
-from wmdd.protocol.runner import evaluate_seeds, log_seed, results_record, summarise
+from wmdd.protocol.runner import evaluate_seeds, log_seed, log_summary, results_record
 from wmdd.synthetic_set import SET_FILE, SyntheticSet
-from wmdd.utils import peak_memory_mb, write_json
+from wmdd.utils import write_json
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage = open_stage("evaluate", __doc__, argv, method=True, ipc=True)
+    stage = open_stage(
+        "evaluate", __doc__, argv, method=True, ipc=True,
+        add_arguments=lambda p: p.add_argument("--seed", type=int, help="one eval seed (a part)"),
+    )  # fmt: skip
     args, bench, device = stage.args, stage.bench, stage.device
     data_dir, teacher_file = paths.data_dir(args.dataset), paths.teacher_path(args.dataset)
     set_dir = paths.distilled_dir(args.dataset, args.method, args.ipc)
@@ -32,25 +33,27 @@ def main(argv: list[str] | None = None) -> None:
     synthetic = SyntheticSet.load(set_dir / SET_FILE)
     plan = protocol_plan(
         stage.profile.protocol, profile=args.dataset, ipc=args.ipc,
-        eval_seeds=bench.eval_seeds, base_seed=bench.seed,
+        eval_seeds=bench.eval_seeds, base_seed=bench.seed, only=args.seed,
     )  # fmt: skip
     teacher = load_teacher(teacher_file, device=device) if plan.evaluate_needs_teacher else None
     inputs = [data_dir, set_dir, labels_dir] + ([teacher_file] if teacher is not None else [])
-    tags = {"protocol": plan.kind, "protocol_hash": plan.hash}
-    resume = stage.checkpoints(params=plan, inputs=inputs)
+    resume = stage.checkpoints(params=plan.hash, inputs=inputs)
+    part = args.seed is not None  # one seed of the cell: kept for the full run, no output
+    extra = {"shard": True, "eval_seed": args.seed} if part else {}
+    tags: dict = {"protocol": plan.kind, "protocol_hash": plan.hash, **extra}
     out = paths.results_path(args.dataset, args.method, args.ipc)
-    with stage.tracked(params=plan.mlflow_params(), inputs=inputs, outputs=[out], **tags) as mlflow:
-        start = time.perf_counter()
+    with stage.tracked(
+        params=plan.mlflow_params(), inputs=inputs, outputs=[] if part else [out], **tags
+    ) as mlflow:
         per_seed = evaluate_seeds(
             plan, data=data, synthetic=synthetic, teacher=teacher, labels_dir=labels_dir,
             device=device, resume=resume, on_seed=lambda s, r: log_seed(mlflow, s, r),
             progress=stage.progress,
         )  # fmt: skip
-        summary, seconds = summarise(per_seed), time.perf_counter() - start
-        cost = {"eval_seconds": seconds, "peak_mem_mb": peak_memory_mb(device)}
-        mlflow.log_metrics({**{k: float(v) for k, v in summary.items()}, **cost})
-        write_json(out, results_record(summary, per_seed, protocol_hash=plan.hash))
-    resume.clear()
+        summary = log_summary(mlflow, per_seed, device=device)
+        if not part:
+            write_json(out, results_record(summary, per_seed, protocol_hash=plan.hash))
+            resume.clear()
 
 
 if __name__ == "__main__":

@@ -16,11 +16,14 @@ therefore loads the code it runs and nothing else (``prepare`` never imports POT
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from wmdd.config import ConfigError, Params, from_dict
+from wmdd import paths
+from wmdd.config import ConfigError, Params, from_dict, load_params
+from wmdd.utils import read_json
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class MethodRef:
     needs_teacher: bool  # whether the distill stage must load the teacher
     description: str  # one line for reports and --help
     defaults: dict[str, Any] = field(default_factory=dict)  # fixed values of a named variant
+    # Name of ``class_group(config, ipc) -> int`` in the module: a class-range shard must start
+    # on a multiple of it (the synthesis batches' class groups); None = any range.
+    class_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ METHODS: dict[str, MethodRef] = {
         "WMDDConfig",
         True,
         "WMDD: Wasserstein barycenters + per-class BN matching (Liu et al.)",
+        class_group="class_group",
     ),
     "sre2l": MethodRef(
         "baselines.sre2l",
@@ -68,6 +75,7 @@ METHODS: dict[str, MethodRef] = {
         "SRe2LConfig",
         True,
         "SRe2L: CE + global BN matching, one image per class per batch (Yin et al.)",
+        class_group="class_group",
     ),
     "dm": MethodRef(
         "baselines.dm",
@@ -110,6 +118,28 @@ def get_method(name: str) -> MethodSpec:
     )
 
 
+def aligned_ranges(num_classes: int, group: int, shards: int) -> list[range]:
+    """``shards`` (or fewer) contiguous class ranges that start on multiples of ``group``."""
+    groups = -(-num_classes // group)
+    per = -(-groups // max(1, min(shards, groups))) * group
+    return [range(a, min(a + per, num_classes)) for a in range(0, num_classes, per)]
+
+
+def shard_ranges(params_path: str, cmd: str, shards: int) -> list[range]:
+    """The class ranges of a distill stage's ``cmd`` split into ``shards`` shards, aligned to
+    the method's synthesis batches (needs the profile's prepared ``manifest.json``)."""
+    found = dict(re.findall(r"--(dataset|method|ipc) (\S+)", cmd))
+    params = load_params(params_path)
+    ref = METHODS[found["method"]]
+    group = 1
+    if ref.class_group:
+        config = method_config(params, found["method"], found["dataset"])
+        module = importlib.import_module(ref.module)
+        group = int(getattr(module, ref.class_group)(config, int(found["ipc"])))
+    manifest = read_json(paths.data_dir(found["dataset"]) / "manifest.json")
+    return aligned_ranges(len(manifest["classes"]), group, shards)
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """``override`` over ``base``, recursively for nested mappings (e.g. ``synthesis``), so
     an override lists only the keys it changes."""
@@ -147,6 +177,13 @@ def method_config(params: Params, method: str, profile: str) -> Any:
     origin = f" (with methods.{method}.overrides.{profile})" if profile in overrides else ""
     where = f"params.yaml{origin}: methods.{method}"
     return from_dict(spec.config_cls, merged, path=where)
+
+
+def resolve_method(params: Params, method: str, profile: str) -> tuple[MethodSpec, Any]:
+    """The method's spec and its config for ``profile``, after checking its section parses
+    for every profile (a typo in any override fails before the method runs)."""
+    validate_method(params, method)
+    return get_method(method), method_config(params, method, profile)
 
 
 def validate_method(params: Params, method: str) -> None:

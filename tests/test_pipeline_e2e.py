@@ -211,3 +211,31 @@ def test_forced_rerun_with_unchanged_inputs_changes_nothing(repo: Path) -> None:
         assert (repo / "dvc.lock").read_bytes() == lock, f"dvc.lock changed after {stage}"
     proc = _run([str(BIN / "dvc"), "status", "--json"], repo)
     assert json.loads(proc.stdout) == {}, proc.stdout
+
+
+def test_parallel_runner_writes_what_sequential_repro_wrote(repo: Path, tmp_path: Path) -> None:
+    """``python -m pipelines.parallel`` on a sub-grid (2 local workers, distillations in 2 class
+    shards, evaluations one task per seed) writes byte-identical outputs and the same
+    ``dvc.lock`` entries as the sequential ``dvc repro`` of the fixture."""
+    pytest.importorskip("distributed", reason="the cluster extra is not installed")
+    from dvc.utils.hydra import apply_overrides
+
+    dest = tmp_path / "parallel"
+    dest.mkdir()
+    _copy_repo(dest)
+    apply_overrides(
+        dest / "params.yaml", ["benchmark.methods=[random,sre2l,wmdd]", "benchmark.ipcs=[1]"]
+    )
+    proc = _run(
+        [str(BIN / "python"), "-m", "pipelines.parallel", "--workers", "2", "--shards", "2"], dest
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "classes 0:" in proc.stderr and "seed 1" in proc.stderr  # split into tasks
+    ours = yaml.safe_load((dest / "dvc.lock").read_text())["stages"]
+    theirs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    common = [s for s in ours if s != "report"]
+    assert len(common) == 2 + 4 * 3  # prepare, teacher; 4 stages x 3 cells
+    for stage in common:
+        assert ours[stage]["outs"] == theirs[stage]["outs"], stage
+    status = _run([str(BIN / "dvc"), "status", "--json"], dest)
+    assert json.loads(status.stdout) == {}, status.stdout

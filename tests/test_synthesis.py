@@ -208,8 +208,17 @@ def test_deterministic_and_seed_dependent() -> None:
     assert_close(first, again, rtol=0, atol=0)
     assert not torch.allclose(first, other)
     assert bool(torch.isfinite(first).all())
-    assert set(stats) == {"iterations", "final_loss", "final_components", "optimise_seconds"}
+    assert set(stats) == {
+        "iterations",
+        "final_loss",
+        "final_components",
+        "batch_keys",
+        "batch_finals",
+        "optimise_seconds",
+    }
     assert set(stats["final_components"]) == {"mse"}
+    assert stats["batch_keys"] == sorted(stats["batch_keys"]) and len(stats["batch_keys"]) == 1
+    assert stats["final_loss"] == stats["batch_finals"][0]["loss"]
 
 
 def test_output_sorted_by_class_and_slot_for_the_slot_layout() -> None:

@@ -124,15 +124,17 @@ class StageCheckpoints:
         every_seconds: float,
     ) -> StageCheckpoints:
         """The directory keyed by the stage's params, input files and code
-        (``every_seconds < 0`` disables checkpointing)."""
-        if every_seconds < 0:
-            return cls(None)
+        (``every_seconds < 0`` disables the loops' checkpoints; finished parts of a stage,
+        such as the class shards or eval seeds the parallel runner computes as separate
+        tasks, are always kept there)."""
         blob = repr((params, sorted(input_digest(inputs).items()), code_digest())).encode()
         key = hashlib.sha256(blob).hexdigest()[:16]
         return cls(ROOT / stage / "/".join(cell) / key, every_seconds=every_seconds)
 
     def loop(self, name: str, what: str) -> Checkpointer:
-        path = None if self.directory is None else self.directory / f"{name}.pt"
+        path = None
+        if self.directory is not None and self.every >= 0:
+            path = self.directory / f"{name}.pt"
         return Checkpointer(path, every_seconds=self.every, what=what)
 
     def result(self, name: str) -> Any | None:
@@ -140,6 +142,15 @@ class StageCheckpoints:
             return None
         log.warning("reusing the finished %s from %s", name, self.directory)
         return torch.load(self.directory / f"{name}.done.pt", map_location="cpu", weights_only=True)
+
+    def results(self, prefix: str) -> dict[str, Any]:
+        """Every finished result whose name starts with ``prefix``, by name."""
+        if self.directory is None or not self.directory.is_dir():
+            return {}
+        names = sorted(
+            p.name[: -len(".done.pt")] for p in self.directory.glob(f"{prefix}*.done.pt")
+        )
+        return {n: self.result(n) for n in names}
 
     def save_result(self, name: str, value: Any) -> None:
         if self.directory is None:

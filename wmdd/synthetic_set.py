@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from wmdd.checkpoint import StageCheckpoints
 from wmdd.paths import SET_FILE
 from wmdd.utils import (
     ArtifactError,
@@ -176,3 +177,166 @@ def save_distilled(out: Path, synthetic: SyntheticSet, data: Any, *, meta: dict)
         grid.save(tmp / PREVIEW_FILE)
         write_json(tmp / META_FILE, meta)
     return out / PREVIEW_FILE
+
+
+# --- class-range shards ------------------------------------------------------------------
+
+SUMMED_AUX = {"loss"}  # per-iteration curves summed over a run's classes (DM)
+SYNTHESIS_STATS = {"final_loss", "final_components", "batch_keys", "batch_finals"}
+
+
+def final_loss_stats(keys: list[list[int]], finals: list[dict[str, float]]) -> dict[str, Any]:
+    """Per-batch final losses of the synthesis loop, ordered by batch key (first class, first
+    slot), and their means: the same numbers whether the classes ran in one process or in
+    class-range shards (:func:`merge_shards`)."""
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    batch_keys, batch_finals = [keys[i] for i in order], [finals[i] for i in order]
+    mean = {k: sum(f[k] for f in batch_finals) / len(batch_finals) for k in batch_finals[0]}
+    return {
+        "final_loss": mean.pop("loss"),
+        "final_components": mean,
+        "batch_keys": batch_keys,
+        "batch_finals": batch_finals,
+    }
+
+
+UNION_AUX = {"real_per_class_effective"}  # sorted lists of the values seen (DM)
+
+
+def _merge_value(key: str, values: list[Any], n_classes: list[int], n_images: list[int]) -> Any:
+    """One aux entry of the merged set (see :func:`merge_shards`)."""
+    first = values[0]
+    if key == "synthesis" and isinstance(first, dict) and "batch_finals" in first:
+        keys = [k for v in values for k in v["batch_keys"]]
+        finals = [f for v in values for f in v["batch_finals"]]
+        rest = {k: _merge_value(k, [v[k] for v in values], n_classes, n_images) for k in first
+                if k not in SYNTHESIS_STATS}  # fmt: skip
+        return {**rest, **final_loss_stats(keys, finals)}
+    if isinstance(first, dict):
+        return {k: _merge_value(k, [v[k] for v in values], n_classes, n_images) for k in first}
+    if key in UNION_AUX:
+        return sorted({x for v in values for x in v})
+    if isinstance(first, Tensor):
+        if key in SUMMED_AUX:
+            return torch.stack(values).sum(dim=0)
+        sizes = [int(v.shape[0]) if v.ndim else -1 for v in values]
+        if sizes in (n_classes, n_images):
+            return torch.cat(values)
+    if isinstance(first, list) and first and isinstance(first[0], Tensor):
+        return [
+            _merge_value(key, [v[i] for v in values], n_classes, n_images)
+            for i in range(len(first))
+        ]
+    if all(_equal(v, first) for v in values[1:]):
+        return first
+    raise ValueError(f"aux[{key!r}] differs between shards and has no merge rule")
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    return bool(a == b)
+
+
+def merge_shards(
+    parts: list[tuple[range, SyntheticSet]], num_classes: int, ipc: int
+) -> SyntheticSet:
+    """The set a single run over all classes would have produced, from class-range shards.
+
+    Checks that the ranges tile ``0..num_classes-1`` without gap or overlap and that every
+    shard holds exactly ``ipc`` images of each of its classes, in (class, slot) order; then
+    concatenates images, labels and weights in class order and merges ``aux``: per-class
+    and per-image tensors are concatenated (WMDD's barycenters and BN statistics, herding's
+    indices), the synthesis loop's per-batch final losses are joined and their means taken
+    again (:func:`wmdd.synthesis.loop.final_loss_stats` orders them by batch key, so the
+    numbers equal a single run's), per-iteration losses summed over classes (DM) are added
+    (equal to a single run's up to float summation order), lists of values seen are joined,
+    and anything else must be equal in every shard.
+
+    Raises:
+        ValueError: naming the gap, overlap or bad shard.
+    """
+    parts = sorted(parts, key=lambda p: p[0].start)
+    expected = 0
+    for rng, part in parts:
+        if rng.start != expected:
+            kind = "gap" if rng.start > expected else "overlap"
+            raise ValueError(
+                f"class shards: {kind} at class {expected} (next shard {rng.start}:{rng.stop})"
+            )
+        want = torch.arange(rng.start, rng.stop).repeat_interleave(ipc)
+        if not torch.equal(part.labels.cpu(), want):
+            raise ValueError(
+                f"class shard {rng.start}:{rng.stop}: expected {ipc} images of each of its classes in order"
+            )
+        expected = rng.stop
+    if expected != num_classes:
+        raise ValueError(f"class shards cover classes 0:{expected}, expected 0:{num_classes}")
+    sets = [p for _, p in parts]
+    weights = (
+        None
+        if sets[0].weights is None
+        else torch.cat([s.weights for s in sets if s.weights is not None])
+    )
+    n_classes = [len(r) for r, _ in parts]
+    n_images = [len(s.labels) for s in sets]
+    aux_keys = [k for k in sets[0].aux if k != "timings"]
+    aux = {k: _merge_value(k, [s.aux[k] for s in sets], n_classes, n_images) for k in aux_keys}
+    return SyntheticSet(
+        images=torch.cat([s.images for s in sets]),
+        labels=torch.cat([s.labels for s in sets]),
+        weights=weights,
+        aux=aux,
+    )
+
+
+def _set_state(synthetic: SyntheticSet) -> dict[str, Any]:
+    return {"images": synthetic.images, "labels": synthetic.labels, "weights": synthetic.weights,
+            "aux": synthetic.aux}  # fmt: skip
+
+
+def distill_classes(
+    fn: Callable[..., SyntheticSet],
+    *,
+    classes: range,
+    num_classes: int,
+    ipc: int,
+    resume: StageCheckpoints,
+    method: str,
+    **kwargs: Any,
+) -> tuple[SyntheticSet | None, dict[str, float]]:
+    """A distill stage's work for ``classes``, with class-range shards.
+
+    A range short of all classes is a *shard*: it is computed, kept in the stage's
+    checkpoint directory and returned without its set (the stage writes no output). For all
+    classes, shards that tile them (written by earlier shard runs, e.g. the parallel
+    runner's tasks) are merged (:func:`merge_shards`, which checks the tiling) instead of
+    computing again; with no complete tiling the method runs over all classes.
+
+    Returns:
+        ``(set, metrics)``, the set ``None`` for a shard (merged metrics: the shards' seconds
+        and images summed, the largest peak memory).
+    """
+    if len(classes) < num_classes:
+        name = f"shard-{classes.start:06d}-{classes.stop:06d}"
+        synthetic, metrics = run_method(fn, classes=classes, ipc=ipc, checkpoint=resume.loop(
+            name, f"distill {method} classes {classes.start}:{classes.stop}"), **kwargs)  # fmt: skip
+        resume.save_result(name, {"set": _set_state(synthetic), "metrics": metrics})
+        return None, metrics
+    parts = resume.results("shard-")
+    ranges = [range(*(int(x) for x in n.split("-")[1:])) for n in parts]
+    covered = sorted((r.start, r.stop) for r in ranges)
+    tiles = bool(covered) and covered[0][0] == 0 and covered[-1][1] == num_classes and all(
+        a[1] == b[0] for a, b in zip(covered, covered[1:], strict=False))  # fmt: skip
+    if not tiles:
+        return run_method(fn, classes=classes, ipc=ipc, checkpoint=resume.loop(
+            "synthesis", f"distill {method}"), **kwargs)  # fmt: skip
+    sets = [(r, SyntheticSet(**{k: v for k, v in p["set"].items() if k != "aux"}, aux=p["set"]["aux"]))
+            for r, p in zip(ranges, parts.values(), strict=True)]  # fmt: skip
+    merged = merge_shards(sets, num_classes, ipc)
+    shard_metrics = [p["metrics"] for p in parts.values()]
+    metrics = {k: float(sum(m.get(k, 0.0) for m in shard_metrics)) for k in shard_metrics[0]}
+    metrics["peak_mem_mb"] = max(m["peak_mem_mb"] for m in shard_metrics)
+    metrics["images_per_second"] = metrics["images"] / max(metrics["distill_seconds"], 1e-9)
+    metrics["shards"] = float(len(parts))
+    return merged, metrics

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.ops import roi_align
 
 
 def sample_crop_boxes(
@@ -86,6 +85,8 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     top, left, h, w = b.unbind(1)
     index = torch.arange(len(images), device=images.device, dtype=images.dtype)
     rois = torch.stack([index, left, top, left + w, top + h], dim=1)  # (N, 5) x1 y1 x2 y2
+    from torchvision.ops import roi_align  # imported here: it pulls in torch._dynamo (~3 s)
+
     return roi_align(
         images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
     )

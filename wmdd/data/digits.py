@@ -12,8 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from wmdd.config import DataConfig
 from wmdd.data.registry import DatasetInfo, RawDataset, register_dataset
@@ -38,6 +36,9 @@ def _to_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
 @register_dataset(DIGITS)
 def read_digits(cfg: DataConfig, workdir: Path) -> RawDataset:
     """Reads the digits, splits them (stratified, seeded) and resizes them."""
+    from sklearn.datasets import load_digits  # imported here: only prepare needs it
+    from sklearn.model_selection import train_test_split
+
     del workdir
     if cfg.source != "builtin":
         raise ValueError(

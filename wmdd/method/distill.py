@@ -219,6 +219,12 @@ def _check_inputs(
         data.check_ipc(classes, ipc)
 
 
+def class_group(config: WMDDConfig, ipc: int) -> int:
+    """Classes per synthesis batch (:func:`class_batches`): a class-range shard must start
+    on a multiple of it to reproduce a single run's batches."""
+    return max(1, config.synthesis.batch_budget // ipc)
+
+
 def wmdd_distill(
     *,
     teacher: nn.Module,

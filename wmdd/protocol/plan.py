@@ -114,9 +114,18 @@ def protocol_hash(protocol: ProtocolConfig, *, eval_seeds, base_seed: int) -> st
 
 
 def protocol_plan(
-    protocol: ProtocolConfig, *, profile: str, ipc: int, eval_seeds, base_seed: int
+    protocol: ProtocolConfig,
+    *,
+    profile: str,
+    ipc: int,
+    eval_seeds,
+    base_seed: int,
+    only: int | None = None,
 ) -> ProtocolPlan:
-    """The plan of cell (``profile``, any method, ``ipc``) under ``protocol``."""
+    """The plan of cell (``profile``, any method, ``ipc``) under ``protocol``; with
+    ``only``, the plan of that one eval seed (the hash stays the cell's)."""
+    if only is not None and only not in eval_seeds:
+        raise ValueError(f"--seed {only}: not one of benchmark.eval_seeds {list(eval_seeds)}")
     seeds = tuple(
         SeedPlan(
             eval_seed=s,
@@ -124,6 +133,7 @@ def protocol_plan(
             student_seed=student_seed(base_seed, profile, ipc, s),
         )
         for s in eval_seeds
+        if only is None or s == only
     )
     return ProtocolPlan(
         kind=protocol.kind,

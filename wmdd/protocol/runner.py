@@ -9,6 +9,7 @@ validated on the full validation split.
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from wmdd.protocol.hard import train_student_hard
 from wmdd.protocol.plan import ProtocolPlan, SeedPlan
 from wmdd.protocol.soft import OnlineLabels, StoredLabels, train_student_soft
 from wmdd.synthetic_set import SyntheticSet
-from wmdd.utils import seeded_init
+from wmdd.utils import peak_memory_mb, seeded_init
 
 
 def build_student(
@@ -137,6 +138,7 @@ def evaluate_seeds(
         name = f"seed{seed.eval_seed}"
         result = resume.result(name)
         if result is None:
+            start = time.perf_counter()
             result = evaluate_seed(
                 plan,
                 seed,
@@ -149,6 +151,7 @@ def evaluate_seeds(
                 progress=progress,
                 checkpoint=resume.loop(name, f"student {name}"),
             )
+            result["seconds"] = time.perf_counter() - start  # of this run (not of resumes)
             resume.save_result(name, result)
         per_seed[seed.eval_seed] = result
         if on_seed is not None:
@@ -186,6 +189,18 @@ def log_seed(mlflow, eval_seed: int, result: dict) -> None:
             f"seed{eval_seed}.best_top1": result["best_top1"],
         }
     )
+
+
+def log_summary(mlflow, per_seed: dict[int, dict], *, device: torch.device) -> dict:
+    """Logs the cell's summary over seeds, its training time (all seeds, wherever they ran)
+    and this process's peak memory; returns the summary."""
+    summary = summarise(per_seed)
+    cost = {
+        "eval_seconds": sum(r.get("seconds", 0.0) for r in per_seed.values()),
+        "peak_mem_mb": peak_memory_mb(device),
+    }
+    mlflow.log_metrics({**{k: float(v) for k, v in summary.items()}, **cost})
+    return summary
 
 
 def results_record(summary: dict, per_seed: dict[int, dict], *, protocol_hash: str) -> dict:

@@ -61,7 +61,7 @@ from wmdd.augment.views import random_roll, resized_crops, sample_crop_boxes, sa
 from wmdd.checkpoint import Checkpointer
 from wmdd.config import check_ranges
 from wmdd.data.prepared import TrainingImages
-from wmdd.synthetic_set import jpeg_roundtrip
+from wmdd.synthetic_set import final_loss_stats, jpeg_roundtrip
 from wmdd.utils import cosine_factor, generator
 
 __all__ = [
@@ -447,7 +447,8 @@ def synthesize(
     Returns:
         ``(images (N, C, H, W) float32 CPU, labels (N,) int64, stats)`` sorted by (class, slot);
         stats: ``iterations``, ``final_loss`` (mean over batches of the last iteration's loss),
-        ``final_components`` (same, per component), ``optimise_seconds``.
+        ``final_components`` (same, per component), ``batch_keys`` / ``batch_finals`` (each
+        batch's last losses, by batch key; see :func:`wmdd.synthetic_set.final_loss_stats`), ``optimise_seconds``.
 
     Raises:
         ValueError: On an empty batch list, non-square shape, missing ``real_init`` or pixel
@@ -511,11 +512,10 @@ def synthesize(
         images = jpeg_roundtrip_normalised(
             images, quality=cfg.jpeg_quality, to_pixels=to_pixels, from_pixels=from_pixels
         )
-    mean_final = {k: sum(f[k] for f in finals) / len(finals) for k in finals[0]}
+    keys = [list(b.key) for b in batches]
     stats = {
+        **final_loss_stats(keys, finals),
         "iterations": cfg.iterations,
-        "final_loss": mean_final.pop("loss"),
-        "final_components": mean_final,
         "optimise_seconds": time.perf_counter() - start,
     }
     return images, labels, stats
