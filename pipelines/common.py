@@ -24,6 +24,7 @@ import torch
 
 from wmdd.checkpoint import StageCheckpoints
 from wmdd.config import BenchmarkConfig, ConfigError, Params, ProfileConfig, load_params
+from wmdd.distributed import Ranks, init_ranks, ranks_from_env
 from wmdd.tracking import lifecycle
 from wmdd.tracking.runs import stage_run
 from wmdd.tracking.store import TrackingError
@@ -80,6 +81,12 @@ class Stage:
     args: argparse.Namespace  # the parsed command line
     params: Params  # params.yaml, validated
     device: torch.device  # where the stage computes
+    ranks: Ranks | None = None  # data-parallel ranks under torchrun (evaluate only)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process logs and writes outputs (rank 0, or the only process)."""
+        return self.ranks is None or self.ranks.main
 
     @property
     def bench(self) -> BenchmarkConfig:
@@ -126,7 +133,10 @@ class Stage:
         ``mlflow`` module with the run active. ``inputs`` and ``outputs`` (files or
         folders) are tagged with their MD5s: how the report finds the run behind an
         output. Start it after the inputs are loaded and checked, so bad input opens no
-        run."""
+        run. Data-parallel ranks other than 0 get a stand-in that logs nothing."""
+        if not self.main:
+            yield NullRun()
+            return
         with stage_run(
             experiment=self.bench.experiment,
             stage=self.name,
@@ -151,6 +161,13 @@ class Stage:
         )
 
 
+class NullRun:
+    """What ranks other than 0 log to: nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
 def open_stage(
     name: str,
     doc: str | None,
@@ -161,9 +178,11 @@ def open_stage(
     ipc: bool = False,
     device: str | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], Any] | None = None,
+    data_parallel: bool = False,
 ) -> Stage:
     """Parses the stage's arguments, loads params and resolves the device (``device`` fixes
-    it, e.g. ``"cpu"`` for prepare; else ``benchmark.device``)."""
+    it, e.g. ``"cpu"`` for prepare; else ``benchmark.device``). Under ``torchrun`` a
+    ``data_parallel`` stage joins the process group; any other stage refuses to start."""
     parser = base_parser(doc or name, dataset=dataset, method=method, ipc=ipc)
     if add_arguments is not None:
         add_arguments(parser)
@@ -178,7 +197,12 @@ def open_stage(
         )
     if params.benchmark.threads > 0:
         torch.set_num_threads(params.benchmark.threads)
-    return Stage(name, args, params, resolve_device(device or params.benchmark.device))
+    ranks = ranks_from_env()
+    if ranks is not None and not data_parallel:
+        raise ConfigError(f"stage {name!r} does not run data-parallel: start it without torchrun")
+    stage = Stage(name, args, params, resolve_device(device or params.benchmark.device), ranks)
+    init_ranks(ranks, stage.device)
+    return stage
 
 
 def setup_logging() -> None:

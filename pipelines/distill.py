@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         if synthetic is None:
             return
         # meta.json: what defines the set, no run metadata (same inputs, same bytes)
-        meta = {**tags, "config": to_dict(config), "seed": seed, "images": metrics["images"]}
+        meta = {**tags, "config": to_dict(config), "seed": seed, "images": len(synthetic.labels)}
         mlflow.log_artifact(str(save_distilled(out, synthetic, data, meta=meta)))
     resume.clear()
 

@@ -1,11 +1,11 @@
 """Stage ``evaluate``: train students on one distilled set by the profile's protocol.
 
     python -m pipelines.evaluate --dataset digits --method random --ipc 10
+    torchrun --nproc_per_node 4 -m pipelines.evaluate ...      # one student on 4 ranks
 
-One student per eval seed, from scratch, validated on the full validation split. Writes
-``results/<profile>/<method>/ipc<k>/metrics.json`` (DVC metrics): final top-1 (headline),
-top-5, best-epoch top-1 per seed, mean / sample std / n, the protocol hash. ``--seed s``
-trains one seed as a part of the cell (kept in its checkpoint directory; no output).
+One student per eval seed, validated on the full validation split; writes ``results/.../
+metrics.json``: per seed final / best top-1, top-5; mean, sample std, n; protocol hash.
+``--seed s`` trains one seed as a part of the cell (kept for the cell's run; no output).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     stage = open_stage(
         "evaluate", __doc__, argv, method=True, ipc=True,
         add_arguments=lambda p: p.add_argument("--seed", type=int, help="one eval seed (a part)"),
+        data_parallel=True,
     )  # fmt: skip
     args, bench, device = stage.args, stage.bench, stage.device
     data_dir, teacher_file = paths.data_dir(args.dataset), paths.teacher_path(args.dataset)
@@ -39,17 +40,17 @@ def main(argv: list[str] | None = None) -> None:
     inputs = [data_dir, set_dir, labels_dir] + ([teacher_file] if teacher is not None else [])
     resume = stage.checkpoints(params=plan.hash, inputs=inputs)
     part = args.seed is not None  # one seed of the cell: kept for the full run, no output
-    extra = {"shard": True, "eval_seed": args.seed} if part else {}
-    tags: dict = {"protocol": plan.kind, "protocol_hash": plan.hash, **extra}
     out = paths.results_path(args.dataset, args.method, args.ipc)
-    with stage.tracked(
-        params=plan.mlflow_params(), inputs=inputs, outputs=[] if part else [out], **tags
-    ) as mlflow:
+    tags: dict = {"protocol": plan.kind, "protocol_hash": plan.hash, "eval_seed": args.seed}
+    with stage.tracked(params=plan.mlflow_params(), inputs=inputs, outputs=[] if part else [out],
+                       shard=part, **tags) as mlflow:  # fmt: skip
         per_seed = evaluate_seeds(
             plan, data=data, synthetic=synthetic, teacher=teacher, labels_dir=labels_dir,
             device=device, resume=resume, on_seed=lambda s, r: log_seed(mlflow, s, r),
-            progress=stage.progress,
+            progress=stage.progress, ranks=stage.ranks,
         )  # fmt: skip
+        if not stage.main:  # the other data-parallel ranks trained; rank 0 records
+            return
         summary = log_summary(mlflow, per_seed, device=device)
         if not part:
             write_json(out, results_record(summary, per_seed, protocol_hash=plan.hash))

@@ -21,6 +21,7 @@ from wmdd.checkpoint import Checkpointer, StageCheckpoints
 from wmdd.config import ModelConfig
 from wmdd.data.lazy import LazySplitSet
 from wmdd.data.prepared import PreparedData
+from wmdd.distributed import Ranks
 from wmdd.models.accuracy import Validate, split_validator
 from wmdd.models.registry import create_model
 from wmdd.protocol.hard import train_student_hard
@@ -57,6 +58,7 @@ def evaluate_seed(
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint: Checkpointer | None = None,
+    ranks: Ranks | None = None,
 ) -> dict:
     """Trains one student and scores it with ``validate``
     (:func:`wmdd.models.accuracy.split_validator`, made once per cell so that a lazy split's
@@ -75,6 +77,8 @@ def evaluate_seed(
     )
     images = synthetic.images.to(device)
     if plan.kind == "hard":
+        if ranks is not None:
+            raise ValueError("the hard-label protocol trains in one process (no torchrun)")
         return train_student_hard(
             student=student,
             images=images,
@@ -103,6 +107,7 @@ def evaluate_seed(
         progress=progress,
         on_epoch=on_epoch,
         checkpoint=checkpoint,
+        ranks=ranks,
     )
 
 
@@ -128,6 +133,7 @@ def evaluate_seeds(
     resume: StageCheckpoints,
     on_seed: Callable[[int, dict], None] | None = None,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> dict[int, dict]:
     """:func:`evaluate_seed` for every seed of the plan, with one validator for all: a seed
     finished before an interruption is taken from ``resume``, an interrupted one resumes
@@ -150,7 +156,10 @@ def evaluate_seeds(
                 validate=validate,
                 progress=progress,
                 checkpoint=resume.loop(name, f"student {name}"),
+                ranks=ranks,
             )
+            if ranks is not None and not ranks.main:  # rank 0 keeps the result
+                continue
             result["seconds"] = time.perf_counter() - start  # of this run (not of resumes)
             resume.save_result(name, result)
         per_seed[seed.eval_seed] = result

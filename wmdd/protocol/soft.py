@@ -48,6 +48,7 @@ from wmdd.augment.views import (
 )
 from wmdd.checkpoint import Checkpointer, loop_state, restore_loop
 from wmdd.config import SoftProtocolConfig
+from wmdd.distributed import Ranks, data_parallel
 from wmdd.models.accuracy import Accuracy
 from wmdd.models.optim import weight_decay_groups
 from wmdd.utils import cosine_factor, generator, load_artifact
@@ -248,6 +249,8 @@ def train_student_soft(
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
     checkpoint: Checkpointer | None = None,
+    ranks: Ranks | None = None,
+    sync_bn: bool = False,
 ) -> dict:
     """Trains ``student`` on relabelled views of ``images``; validates on the full split.
 
@@ -258,6 +261,10 @@ def train_student_soft(
         on_epoch: Receives each validated epoch's ``{epoch, loss, top1, top5}``.
         checkpoint: Saves the training state at epoch ends and resumes from it (the views of
             an epoch depend on the seed and the epoch alone, so a resumed run is identical).
+        ranks: Train data-parallel (:mod:`wmdd.distributed`): this rank's part of
+            every batch, gradients averaged by DDP; only rank 0 validates, saves checkpoints
+            and returns the result (other ranks return ``{}``).
+        sync_bn: With ``ranks``, BatchNorm statistics over the whole batch (CUDA only).
 
     Returns:
         ``{"top1", "top5", "best_top1", "best_epoch", "history": [{epoch, loss, top1, top5}]}``.
@@ -270,26 +277,33 @@ def train_student_soft(
     if checkpoint is not None and (state := checkpoint.load()) is not None:
         restore_loop(state, model=student, optimizer=opt, scheduler=sched)
         history, start = state["history"], state["epoch"]
+    main = ranks is None or ranks.main
+    model = student if ranks is None else data_parallel(student, ranks, device, sync_bn=sync_bn)
     bar = tqdm(
         range(start, cfg.epochs),
         desc="student",
         unit="epoch",
-        disable=not progress,
+        disable=not progress or not main,
         initial=start,
         total=cfg.epochs,
     )
     for e in bar:
-        student.train()
+        model.train()
         total, count = 0.0, 0
         for views, targets in labels.epoch(e, images):
-            loss = kd_loss(student(views), targets, cfg.temperature, cfg.t2_factor)
+            if ranks is not None:  # this rank's part of the protocol's batch
+                part, scale = ranks.part(len(views)), ranks.scale(len(views))
+                views, targets = views[part], targets[part]
+            loss = kd_loss(model(views), targets, cfg.temperature, cfg.t2_factor)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"student: non-finite loss at epoch {e}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if ranks is None else loss * scale).backward()
             opt.step()
             total, count = total + loss.item() * len(views), count + len(views)
         sched.step()
+        if not main:
+            continue
         if (e + 1) % cfg.eval_interval == 0 or e + 1 == cfg.epochs:
             acc = validate(student, cfg.eval_batch_size)
             history.append(
@@ -310,7 +324,7 @@ def train_student_soft(
                     history=history,
                 )
             )
-    return student_result(history)
+    return student_result(history) if main else {}
 
 
 def student_result(history: list[dict]) -> dict:

@@ -108,7 +108,7 @@ def output_tags(paths: list[Path]) -> dict[str, str]:
     return {"output." + k.removeprefix("input."): v for k, v in input_tags(paths).items()}
 
 
-CELL_TAGS = ("dataset", "method", "ipc", "classes")  # with ``stage``: what identifies a cell
+CELL_TAGS = ("dataset", "method", "ipc", "classes", "eval_seed")  # with ``stage``: a cell (part)
 
 
 def mark_dead_runs(client: Any, experiment_id: str, stage: str, tags: dict[str, str]) -> list[str]:
