@@ -22,11 +22,12 @@ from typing import Any, NoReturn
 
 import torch
 
+from wmdd import paths
 from wmdd.checkpoint import StageCheckpoints
 from wmdd.config import BenchmarkConfig, ConfigError, Params, ProfileConfig, load_params
 from wmdd.distributed import Ranks, init_ranks, ranks_from_env
 from wmdd.tracking import lifecycle
-from wmdd.tracking.runs import stage_run
+from wmdd.tracking.runs import log_dataset, stage_run
 from wmdd.tracking.store import TrackingError
 from wmdd.utils import resolve_device
 
@@ -137,16 +138,19 @@ class Stage:
         if not self.main:
             yield NullRun()
             return
+        cell = {k: v for k, v in self.tags().items() if k in CELL_PARAMS}
         with stage_run(
             experiment=self.bench.experiment,
             stage=self.name,
             run_name="/".join([self.name, *self.cell]),
             tags=self.tags(**tags),
-            params=params,
+            params={**cell, **params},  # the cell as params too: the compare view plots them
             inputs=inputs,
             outputs=outputs,
             device=self.device,
         ) as mlflow:
+            if getattr(self.args, "dataset", None):
+                log_dataset(mlflow, paths.data_dir(self.args.dataset), self.name)
             yield mlflow
 
     def checkpoints(self, *, params: Any, inputs: list[Path]) -> StageCheckpoints:
@@ -159,6 +163,9 @@ class Stage:
             inputs=inputs,
             every_seconds=self.params.runtime.checkpoint_seconds,
         )
+
+
+CELL_PARAMS = ("dataset", "method", "ipc", "budget")  # logged as params on every run
 
 
 class NullRun:

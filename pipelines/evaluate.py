@@ -15,9 +15,8 @@ from wmdd import paths
 from wmdd.data import load_data
 from wmdd.models.teacher import load_teacher
 from wmdd.protocol.plan import protocol_plan
-from wmdd.protocol.runner import evaluate_seeds, log_seed, log_summary, results_record
+from wmdd.protocol.runner import evaluate_seeds, log_seed, log_summary, write_results
 from wmdd.synthetic_set import SET_FILE, SyntheticSet
-from wmdd.utils import write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,9 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     inputs = [data_dir, set_dir, labels_dir] + ([teacher_file] if teacher is not None else [])
     resume = stage.checkpoints(params=plan.hash, inputs=inputs)
     part = args.seed is not None  # one seed of the cell: kept for the full run, no output
-    out = paths.results_path(args.dataset, args.method, args.ipc)
+    out, curve = (
+        f(args.dataset, args.method, args.ipc) for f in (paths.results_path, paths.curve_path)
+    )
     tags: dict = {"protocol": plan.kind, "protocol_hash": plan.hash, "eval_seed": args.seed}
-    with stage.tracked(params=plan.mlflow_params(), inputs=inputs, outputs=[] if part else [out],
+    with stage.tracked(params=plan.mlflow_params(), inputs=inputs, outputs=[] if part else [out, curve],
                        shard=part, **tags) as mlflow:  # fmt: skip
         per_seed = evaluate_seeds(
             plan, data=data, synthetic=synthetic, teacher=teacher, labels_dir=labels_dir,
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         summary = log_summary(mlflow, per_seed, device=device)
         if not part:
-            write_json(out, results_record(summary, per_seed, protocol_hash=plan.hash))
+            write_results(per_seed, summary, protocol_hash=plan.hash, record=out, curve=curve)
             resume.clear()
 
 

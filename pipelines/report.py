@@ -25,13 +25,15 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     bench, out = stage.bench, Path(stage.args.out)
     with stage.tracked(params={}, inputs=[], datasets=",".join(bench.datasets)) as mlflow:
-        cells = write_report(
+        table = write_report(
             mlflow.MlflowClient(), bench.datasets, bench.methods, bench.ipcs,
             experiment=bench.experiment, out=out,
         )  # fmt: skip
-        mlflow.log_artifact(str(out / "benchmark.md"))
-        mlflow.log_artifact(str(out / "results.csv"))
-        mlflow.log_metric("cells", cells)
+        for name in ("benchmark.md", "results.csv"):
+            mlflow.log_artifact(str(out / name))
+        mlflow.log_artifacts(str(out / "figures"), "figures")
+        mlflow.log_table(data=table, artifact_file="results_table.json")  # the UI's table view
+        mlflow.log_metric("cells", len(table))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from wmdd.config import flatten
 from wmdd.data import load_data
 from wmdd.models.accuracy import split_validator
 from wmdd.models.teacher import check_teacher_source, obtain_teacher, save_teacher
-from wmdd.utils import atomic_file, derive_seed, peak_memory_mb, write_json
+from wmdd.utils import atomic_file, derive_seed, peak_memory_mb, write_csv, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     check_teacher_source(profile.teacher, data, dataset)
     seed = derive_seed(stage.bench.seed, dataset, "teacher")
     params = {**flatten(profile.teacher, "teacher."), "seed": seed}
-    outputs = [paths.teacher_path(dataset), paths.teacher_metrics_path(dataset)]
+    outputs = [paths.teacher_dir(dataset)]
     resume = stage.checkpoints(params=params, inputs=[data_dir])
     with stage.tracked(params=params, inputs=[data_dir], outputs=outputs) as mlflow:
         start = time.perf_counter()
-        model, extra = obtain_teacher(
+        model, extra, history = obtain_teacher(
             profile.teacher,
             data,
             profile=dataset,
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             save_teacher(model, tmp, model_cfg=profile.teacher.model, data=data, extra=info)
         mlflow.log_metrics({**metrics, "seconds": seconds, "peak_mem_mb": peak_memory_mb(device)})
         write_json(paths.teacher_metrics_path(dataset), metrics)  # run metadata: MLflow only
+        write_csv(paths.teacher_curve_path(dataset), history, ["epoch", "loss", "val_top1", "lr"])
     resume.clear()
 
 

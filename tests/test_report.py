@@ -734,7 +734,20 @@ def test_main_writes_report_csv_and_figures(tree: Tree, client, collected, works
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
         "benchmark.md",
         "results.csv",
+        "figures",
+        "results_table.json",
     }
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert figures == {f"figures/{f.name}" for f in (reports / "figures").iterdir()}
+    # The DVC plot data: accuracy vs IPC, one column per method, per profile.
+    for p in PROFILES:
+        rows = list(csv.DictReader((reports / "plots" / "accuracy" / f"{p}.csv").open()))
+        assert [int(r["ipc"]) for r in rows] == list(IPCS)
+        for r in rows:
+            for m in METHODS:
+                assert float(r[m]) == pytest.approx(
+                    statistics.fmean(_top1(p, m, int(r["ipc"]))), abs=1e-4
+                )
 
 
 def test_report_stage_exits_cleanly_on_an_output_no_run_wrote(workspace: Path, monkeypatch) -> None:

@@ -396,11 +396,25 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    """Thresholds of ``python -m pipelines.compare`` (no stage depends on them)."""
+
+    alpha: float = 0.05  # Welch p below which a difference is beyond the seeds' noise
+    max_regression: float = 1.0  # points: a significant drop larger than this fails
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("alpha",), non_negative=("max_regression",))
+        if self.alpha >= 1:
+            raise ValueError(f"alpha: expected a number in (0, 1), got {self.alpha!r}")
+
+
+@dataclass(frozen=True)
 class Params:
     benchmark: BenchmarkConfig
     datasets: dict[str, ProfileConfig]
     methods: dict[str, dict[str, Any] | None]  # validated per method by pipelines.registry
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # how stages run
+    compare: CompareConfig = field(default_factory=CompareConfig)  # pipelines.compare
 
     def profile(self, name: str) -> ProfileConfig:
         """The profile ``name`` or a ConfigError listing the known ones."""

@@ -21,6 +21,11 @@ def teacher_metrics_path(profile: str) -> Path:
     return teacher_dir(profile) / "metrics.json"
 
 
+def teacher_curve_path(profile: str) -> Path:
+    """The teacher's training curve (epoch, loss, val_top1, lr): a DVC plot."""
+    return teacher_dir(profile) / "curve.csv"
+
+
 def distilled_dir(profile: str, method: str, ipc: int) -> Path:
     return Path("distilled") / profile / method / f"ipc{ipc}"
 
@@ -35,6 +40,16 @@ def labels_dir(profile: str, method: str, ipc: int) -> Path:
 
 def results_path(profile: str, method: str, ipc: int) -> Path:
     return Path("results") / profile / method / f"ipc{ipc}" / "metrics.json"
+
+
+def curve_path(profile: str, method: str, ipc: int) -> Path:
+    """The students' validation top-1 / top-5 per evaluated epoch, mean over eval seeds."""
+    return Path("results") / profile / method / f"ipc{ipc}" / "curve.csv"
+
+
+def accuracy_plot_path(profile: str) -> Path:
+    """Accuracy vs IPC of every method of a profile: a DVC plot written by the report."""
+    return REPORTS / "plots" / "accuracy" / f"{profile}.csv"
 
 
 def diagnostics_path(profile: str, method: str, ipc: int) -> Path:

@@ -126,6 +126,14 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Writes a CSV atomically: a header of ``columns``, one line per row (for DVC plots)."""
+    lines = [",".join(columns)] + [",".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
+                                           for c in columns) for row in rows]  # fmt: skip
+    with atomic_file(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():

@@ -173,17 +173,18 @@ def obtain_teacher(
     progress: bool = True,
     log_epoch: Callable[[dict], None] | None = None,
     checkpoint: Checkpointer | None = None,
-) -> tuple[nn.Module, dict]:
+) -> tuple[nn.Module, dict, list[dict]]:
     """The profile's teacher: ``cfg.pretrained`` loaded strictly, or trained by the recipe.
 
-    Returns the model (eval mode) and what the checkpoint should record about its origin
-    (``pretrained`` spec and weight-file SHA-256; empty for a trained teacher).
+    Returns the model (eval mode), what the checkpoint should record about its origin
+    (``pretrained`` spec and weight-file SHA-256; empty for a trained teacher) and the
+    training history (``[{epoch, loss, val_top1, lr}]``; empty for a loaded teacher).
     """
     check_teacher_source(cfg, data, profile)
     if cfg.pretrained:
         model, info = pretrained_teacher(cfg, data, device=device)
         log.info("loaded %s from %s (sha256 %s)", info.spec, info.path, info.sha256)
-        return model, {"pretrained": info.spec, "pretrained_sha256": info.sha256}
+        return model, {"pretrained": info.spec, "pretrained_sha256": info.sha256}, []
 
     def on_epoch(h: dict) -> None:
         log.info("epoch %d: loss %.4f, val top-1 %.2f", h["epoch"], h["loss"], h["val_top1"])
@@ -191,7 +192,7 @@ def obtain_teacher(
             log_epoch(h)
 
     assert isinstance(data, PreparedData)  # lazy data was refused above
-    model, _ = train_teacher(
+    model, history = train_teacher(
         cfg,
         data,
         seed=seed,
@@ -200,7 +201,7 @@ def obtain_teacher(
         on_epoch=on_epoch,
         checkpoint=checkpoint,
     )
-    return model, {}
+    return model, {}, history
 
 
 def save_teacher(

@@ -85,6 +85,7 @@ class ProtocolPlan:
         and the eval seeds: the unselected protocol's settings are not logged."""
         return {
             "protocol.kind": self.kind,
+            "protocol_hash": self.hash,
             **flatten(self.settings, "protocol."),
             "eval_seeds": [s.eval_seed for s in self.seeds],
         }

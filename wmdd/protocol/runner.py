@@ -28,7 +28,7 @@ from wmdd.protocol.hard import train_student_hard
 from wmdd.protocol.plan import ProtocolPlan, SeedPlan
 from wmdd.protocol.soft import OnlineLabels, StoredLabels, train_student_soft
 from wmdd.synthetic_set import SyntheticSet
-from wmdd.utils import peak_memory_mb, seeded_init
+from wmdd.utils import peak_memory_mb, seeded_init, write_csv, write_json
 
 
 def build_student(
@@ -187,10 +187,8 @@ def log_seed(mlflow, eval_seed: int, result: dict) -> None:
     """Logs one seed's learning curve (``seed<s>.top1`` / ``.loss`` per evaluated epoch)
     and final numbers to the active MLflow run."""
     for h in result["history"]:
-        mlflow.log_metrics(
-            {f"seed{eval_seed}.top1": h["top1"], f"seed{eval_seed}.loss": h["loss"]},
-            step=h["epoch"],
-        )
+        curve = {"top1": h["top1"], "top5": h["top5"], "loss": h["loss"]}
+        mlflow.log_metrics({f"seed{eval_seed}.{k}": v for k, v in curve.items()}, step=h["epoch"])
     mlflow.log_metrics(
         {
             f"seed{eval_seed}.final_top1": result["top1"],
@@ -210,6 +208,28 @@ def log_summary(mlflow, per_seed: dict[int, dict], *, device: torch.device) -> d
     }
     mlflow.log_metrics({**{k: float(v) for k, v in summary.items()}, **cost})
     return summary
+
+
+def write_results(
+    per_seed: dict[int, dict], summary: dict, *, protocol_hash: str, record: Path, curve: Path
+) -> None:
+    """The evaluate stage's outputs: ``metrics.json`` (:func:`results_record`) and the
+    mean validation curve ``curve.csv`` (a DVC plot)."""
+    write_json(record, results_record(summary, per_seed, protocol_hash=protocol_hash))
+    write_csv(curve, mean_curve(per_seed), ["epoch", "top1", "top5"])
+
+
+def mean_curve(per_seed: dict[int, dict]) -> list[dict]:
+    """The students' validation curve, mean over eval seeds at each evaluated epoch."""
+    histories = [r["history"] for r in per_seed.values()]
+    return [
+        {
+            "epoch": points[0]["epoch"],
+            "top1": statistics.fmean(p["top1"] for p in points),
+            "top5": statistics.fmean(p["top5"] for p in points),
+        }
+        for points in zip(*histories, strict=True)
+    ]
 
 
 def results_record(summary: dict, per_seed: dict[int, dict], *, protocol_hash: str) -> dict:

@@ -35,7 +35,7 @@ from scipy import stats
 
 from wmdd import paths
 from wmdd.tracking.runs import package_versions
-from wmdd.utils import atomic_dir, atomic_file, file_digest
+from wmdd.utils import atomic_dir, atomic_file, file_digest, write_csv
 
 # Published ResNet-18 top-1 (%) from the WMDD paper's main table (Liu et al., Table 1), keyed by
 # dataset registry name, then method, then IPC. The Random and DM rows were measured by
@@ -111,6 +111,8 @@ CSV_COLUMNS = [
     "phase_seconds",
     "protocol_hash",
     "commit",
+    "versions",
+    "machine",
     "evaluate_run_id",
 ]
 
@@ -288,6 +290,10 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
                 "phase_seconds": _phases(di.metrics),
                 "protocol_hash": ev.tags["protocol_hash"],
                 "commit": ev.tags["git_commit"][:12],
+                "versions": ", ".join(
+                    f"{k} {ev.tags.get(f'version.{k}', '?')}" for k in ("torch", "timm", "POT")
+                ),
+                "machine": ev.tags.get("device", ""),
                 "evaluate_run_id": c.evaluate.info.run_id,
             }
         )
@@ -502,6 +508,19 @@ def plot_accuracy(df: pd.DataFrame, profile: str, out: Path) -> None:
     plt.close(fig)
 
 
+def write_accuracy_plots(df: pd.DataFrame, methods: Sequence[str], out_dir: Path) -> None:
+    """``<profile>.csv`` per profile: ``ipc`` and one column of mean top-1 per method (the
+    data of ``dvc plots show``'s accuracy-vs-IPC plot, declared in dvc.yaml)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for profile, g in df.groupby("profile", sort=False):
+        table = g.pivot(index="ipc", columns="method", values="top1_mean")
+        rows = [
+            {"ipc": int(ipc), **{m: float(table.loc[ipc, m]) for m in methods if m in table}}
+            for ipc in sorted(table.index)
+        ]
+        write_csv(out_dir / f"{profile}.csv", rows, ["ipc", *[m for m in methods if m in table]])
+
+
 def copy_grids(client, cells: list[Cell], figures_dir: Path) -> dict[str, list[str]]:
     """Copies the preview grids logged by noise-synthesising methods' distill runs."""
     figures: dict[str, list[str]] = {}
@@ -524,9 +543,9 @@ def write_report(
     *,
     experiment: str,
     out: Path,
-) -> int:
-    """Writes ``benchmark.md``, ``results.csv`` and ``figures/`` under ``out`` (each
-    atomically) from the runs of the grid; returns the number of cells."""
+) -> pd.DataFrame:
+    """Writes ``benchmark.md``, ``results.csv``, ``figures/`` and ``plots/`` under ``out``
+    (each atomically) from the runs of the grid; returns the results table."""
     cells, teachers = collect_cells(client, profiles, methods, ipcs, experiment=experiment)
     df = results_frame(cells, teachers)
     with atomic_dir(out / "figures") as fig_dir:
@@ -534,9 +553,11 @@ def write_report(
         for profile in profiles:
             plot_accuracy(df, profile, fig_dir / f"{profile}_accuracy.png")
             figures.setdefault(profile, []).insert(0, f"figures/{profile}_accuracy.png")
+    with atomic_dir(out / "plots") as plots_dir:
+        write_accuracy_plots(df, methods, plots_dir / "accuracy")
     text = render_markdown(df, teachers, versions=package_versions(), figures=figures)
     with atomic_file(out / "benchmark.md") as tmp:
         tmp.write_text(text)
     with atomic_file(out / "results.csv") as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
-    return len(df)
+    return df

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import platform
 import subprocess
+import warnings
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -81,10 +83,22 @@ def git_state(root: Path | None = None) -> tuple[str, bool]:
         return "unknown", False
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the architecture elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_description(device: torch.device) -> str:
+    """The device a run computed on: the GPU's name, or the CPU's model and core count."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+    return f"cpu:{os.cpu_count()} cores ({cpu_model()})"
 
 
 def input_tags(paths: list[Path]) -> dict[str, str]:
@@ -106,6 +120,25 @@ def _log_params(mlflow, params: dict[str, Any]) -> None:
 def output_tags(paths: list[Path]) -> dict[str, str]:
     """``output.<path>.md5`` for every file under ``paths``."""
     return {"output." + k.removeprefix("input."): v for k, v in input_tags(paths).items()}
+
+
+def log_dataset(mlflow: Any, data_dir: Path, context: str) -> None:
+    """The prepared dataset as the run's MLflow dataset input: named after the profile, its
+    digest the SHA-256 of ``data.pt`` (or of a lazy ``index.pt``) from the manifest."""
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    manifest = json.loads(manifest_path.read_text())
+    checksums = manifest.get("checksums", {})
+    digest = next(iter(checksums.values()), "")[:16] if checksums else None
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": file:// is local
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(data_dir.resolve().as_uri())
+    dataset = MetaDataset(source, name=data_dir.name, digest=digest)  # type: ignore[abstract]
+    retrying(lambda: mlflow.log_input(dataset, context=context))
 
 
 CELL_TAGS = ("dataset", "method", "ipc", "classes", "eval_seed")  # with ``stage``: a cell (part)

@@ -1,0 +1,119 @@
+r"""Did a change move any number? Two results tables, cell by cell, against their noise.
+
+For every (profile, method, IPC) in both tables the new mean top-1 is compared with the
+base mean by Welch's t-test on the summary statistics (means, sample stds and numbers of
+eval seeds, the columns of ``reports/results.csv``):
+
+.. math::
+
+    t = \frac{\bar x_{new} - \bar x_{base}}{\sqrt{s_{new}^2 / n_{new} + s_{base}^2 / n_{base}}},
+
+with the Welch-Satterthwaite degrees of freedom. A difference is *within noise* unless
+``p < alpha``; a significant drop larger than ``max_regression`` points is a *regression*
+(the command exits 1), a significant rise an *improvement*. Rows are never compared
+blindly: a different protocol hash means different settings (*not comparable*), and
+different package versions or a different machine (CPU model, device) are stated beside
+the verdict, since CPU kernels differ between machines and move digits by tenths of a
+point. With one eval seed on either side there is no noise estimate: the difference is
+reported, the verdict is *no noise estimate*.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+from scipy import stats
+
+KEY = ["profile", "method", "ipc"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    cell: tuple[str, str, int]
+    base: str  # "mean ± std (n)"
+    new: str
+    diff: float  # new - base, points
+    noise: float  # standard error of the difference, points (nan without an estimate)
+    p: float  # Welch p-value (nan without an estimate)
+    verdict: str  # within noise | regression | improvement | not comparable | ...
+    notes: str  # versions / machine differences
+
+
+def welch_summary(
+    m1: float, s1: float, n1: int, m2: float, s2: float, n2: int
+) -> tuple[float, float]:
+    """(standard error of m2 - m1, two-sided Welch p) from summary statistics; nan when
+    either side has fewer than 2 seeds or there is no spread at all."""
+    if n1 < 2 or n2 < 2:
+        return math.nan, math.nan
+    v1, v2 = s1 * s1 / n1, s2 * s2 / n2
+    se = math.sqrt(v1 + v2)
+    if se == 0:
+        return 0.0, (1.0 if m1 == m2 else 0.0)
+    dof = (v1 + v2) ** 2 / (v1 * v1 / (n1 - 1) + v2 * v2 / (n2 - 1))
+    t = (m2 - m1) / se
+    return se, float(2 * stats.t.sf(abs(t), dof))
+
+
+def _fmt(row) -> str:
+    return f"{row.top1_mean:.2f} ± {row.top1_std:.2f} ({int(row.seeds)})"
+
+
+def compare_tables(
+    base: pd.DataFrame, new: pd.DataFrame, *, alpha: float = 0.05, max_regression: float = 1.0
+) -> list[Verdict]:
+    """The verdict of every cell present in both tables, in the new table's order."""
+    base_rows = {tuple(r[k] for k in KEY): r for _, r in base.iterrows()}
+    out = []
+    for _, n in new.iterrows():
+        cell = tuple(n[k] for k in KEY)
+        if cell not in base_rows:
+            continue
+        b = base_rows[cell]
+        diff = float(n.top1_mean - b.top1_mean)
+        notes = []
+        for column, what in (("versions", "package versions"), ("machine", "machine")):
+            if column in n and column in b and str(n[column]) != str(b[column]):
+                notes.append(f"{what} differ ({b[column]} -> {n[column]})")
+        if str(n.protocol_hash) != str(b.protocol_hash):
+            out.append(Verdict(cell, _fmt(b), _fmt(n), diff, math.nan, math.nan, "not comparable: protocol differs", "; ".join(notes)))  # fmt: skip
+            continue
+        se, p = welch_summary(
+            b.top1_mean, b.top1_std, int(b.seeds), n.top1_mean, n.top1_std, int(n.seeds)
+        )
+        if math.isnan(p):
+            verdict = "no noise estimate (fewer than 2 seeds)"
+        elif p >= alpha:
+            verdict = "within noise"
+        elif diff < -max_regression:
+            verdict = "regression"
+        elif diff > max_regression:
+            verdict = "improvement"
+        else:
+            verdict = f"significant but within {max_regression:g} points"
+        out.append(Verdict(cell, _fmt(b), _fmt(n), diff, se, p, verdict, "; ".join(notes)))
+    return out
+
+
+def render(verdicts: list[Verdict], *, base_name: str, new_name: str) -> str:
+    """A Markdown table of the verdicts, with a one-line summary first."""
+    counts: dict[str, int] = {}
+    for v in verdicts:
+        counts[v.verdict.split(":")[0]] = counts.get(v.verdict.split(":")[0], 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no common cells"
+    lines = [
+        f"Comparison of `{new_name}` against `{base_name}` (top-1 %, mean ± sample std (n)): {summary}.",
+        "",
+        "| profile | method | IPC | base | new | diff | noise (SE) | Welch p | verdict | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in verdicts:
+        se = "n/a" if math.isnan(v.noise) else f"{v.noise:.2f}"
+        p = "n/a" if math.isnan(v.p) else (f"{v.p:.3f}" if v.p >= 1e-3 else f"{v.p:.1e}")
+        lines.append(
+            f"| {v.cell[0]} | `{v.cell[1]}` | {v.cell[2]} | {v.base} | {v.new} | {v.diff:+.2f} | "
+            f"{se} | {p} | {v.verdict} | {v.notes or '-'} |"
+        )
+    return "\n".join(lines) + "\n"
