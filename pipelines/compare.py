@@ -23,7 +23,7 @@ import pandas as pd
 
 from pipelines.common import run_main
 from wmdd.config import load_params
-from wmdd.report.compare import compare_tables, render
+from wmdd.report.compare import compare_tables, render, unmatched
 
 
 def read_table(spec: str, *, ref: str | None = None) -> pd.DataFrame:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     new = read_table(args.new)
     verdicts = compare_tables(base, new, alpha=cfg.alpha, max_regression=cfg.max_regression)
     base_name = f"{args.base_ref}:{args.base}" if args.base_ref else args.base
-    text = render(verdicts, base_name=base_name, new_name=args.new)
+    text = render(verdicts, base_name=base_name, new_name=args.new, extra=unmatched(base, new))
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from wmdd.report.compare import compare_tables, render, welch_summary
+from wmdd.report.compare import compare_tables, render, unmatched, welch_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,3 +92,14 @@ def test_cli_exits_1_on_a_regression_and_0_otherwise(tmp_path: Path) -> None:
     assert (tmp_path / "cmp.md").read_text() in worse.stdout
     same = _cli(tmp_path, _table())
     assert same.returncode == 0 and "3 within noise" in same.stdout
+
+
+def test_cells_in_one_table_only_and_unrecorded_provenance_are_stated() -> None:
+    base = pd.concat([_table(), _table().assign(profile="tiny_cpu")]).drop(columns="machine")
+    new = _table()
+    lines = unmatched(base, new)
+    assert "Cells only in the base table, not compared: tiny_cpu (3)." in lines
+    assert "The base table records no `machine`: not checked." in lines
+    assert unmatched(_table(), _table()) == []
+    text = render(compare_tables(base, new), base_name="b", new_name="n", extra=lines)
+    assert "tiny_cpu (3)" in text and text.count("\n| digits |") == 3

@@ -97,8 +97,32 @@ def compare_tables(
     return out
 
 
-def render(verdicts: list[Verdict], *, base_name: str, new_name: str) -> str:
-    """A Markdown table of the verdicts, with a one-line summary first."""
+def unmatched(base: pd.DataFrame, new: pd.DataFrame) -> list[str]:
+    """Lines saying which cells only one table has, and which provenance columns
+    (``versions``, ``machine``) one side does not record, so that nothing is left out
+    silently."""
+    cells = {side: {tuple(r) for r in df[KEY].itertuples(index=False)} for side, df in (("base", base), ("new", new))}  # fmt: skip
+    lines = []
+    for side, other in (("base", "new"), ("new", "base")):
+        only = sorted(cells[side] - cells[other], key=str)
+        if only:
+            per_profile: dict[str, int] = {}
+            for profile, *_ in only:
+                per_profile[profile] = per_profile.get(profile, 0) + 1
+            listed = ", ".join(f"{p} ({n})" for p, n in sorted(per_profile.items()))
+            lines.append(f"Cells only in the {side} table, not compared: {listed}.")
+    for column in ("versions", "machine"):
+        missing = [side for side, df in (("base", base), ("new", new)) if column not in df]
+        if missing:
+            lines.append(f"The {' and '.join(missing)} table records no `{column}`: not checked.")
+    return lines
+
+
+def render(
+    verdicts: list[Verdict], *, base_name: str, new_name: str, extra: list[str] | None = None
+) -> str:
+    """A Markdown table of the verdicts, with a one-line summary first (and ``extra``
+    lines, e.g. from :func:`unmatched`, after it)."""
     counts: dict[str, int] = {}
     for v in verdicts:
         counts[v.verdict.split(":")[0]] = counts.get(v.verdict.split(":")[0], 0) + 1
@@ -106,6 +130,7 @@ def render(verdicts: list[Verdict], *, base_name: str, new_name: str) -> str:
     lines = [
         f"Comparison of `{new_name}` against `{base_name}` (top-1 %, mean ± sample std (n)): {summary}.",
         "",
+        *([*(f"- {line}" for line in extra), ""] if extra else []),
         "| profile | method | IPC | base | new | diff | noise (SE) | Welch p | verdict | notes |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
