@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     verdicts = compare_tables(base, new, alpha=cfg.alpha, max_regression=cfg.max_regression)
     base_name = f"{args.base_ref}:{args.base}" if args.base_ref else args.base
     text = render(verdicts, base_name=base_name, new_name=args.new, extra=unmatched(base, new))
-    print(text)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # piped into `head` and the like: the verdict still counts
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if args.out:
         Path(args.out).write_text(text)
     if any(v.verdict == "regression" for v in verdicts):

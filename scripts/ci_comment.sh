@@ -17,7 +17,12 @@ status=0
   echo
   echo "### Parameters changed"
   echo
-  dvc params diff "$BASE" --md || echo "(dvc params diff failed)"
+  params="$(dvc params diff "$BASE" --md 2>&1)" || params="(dvc params diff failed: $params)"
+  if [ "$(printf '%s\n' "$params" | grep -c '^|')" -le 2 ]; then
+    echo "No parameter changed."
+  else
+    printf '%s\n' "$params"
+  fi
   echo
   echo "### Accuracy (this change)"
   echo
