@@ -82,10 +82,11 @@ def pipeline(work: Path, workers: int) -> None:
     print(f"dvc.lock identical: {same_lock}; output files identical: {a == b} ({len(a)} files)")
 
 
-def shards(work: Path, source: str) -> None:
+def shards(work: Path, source: str, teacher_epochs: int | None) -> None:
     repo = clone(work / "tiny")
+    extra = [f"datasets.tiny_cpu.teacher.epochs={teacher_epochs}"] if teacher_epochs else []
     override(repo, "benchmark.datasets=[tiny_cpu]", "benchmark.methods=[wmdd]", "benchmark.ipcs=[10]",
-             f"datasets.tiny_cpu.data.source={source}")  # fmt: skip
+             f"datasets.tiny_cpu.data.source={source}", *extra)  # fmt: skip
     t_setup = run([str(BIN / "dvc"), "repro", "teacher@tiny_cpu"], repo)
     print(f"prepare + teacher (not compared): {t_setup:.0f} s")
     cmd = [str(BIN / "python"), "-m", "pipelines.distill", "--dataset", "tiny_cpu", "--method", "wmdd",
@@ -113,6 +114,12 @@ def main() -> None:
     parser.add_argument("what", choices=["pipeline", "shards"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tiny-source", help="tiny-imagenet-200 archive (shards)")
+    parser.add_argument(
+        "--teacher-epochs",
+        type=int,
+        help="shards: train the teacher for this many epochs only (it is not timed, and a "
+        "synthesis iteration costs the same whatever the teacher's weights)",
+    )
     parser.add_argument("--keep", help="work directory to keep (default: a temporary one)")
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()}; cores: {os.cpu_count()}")
@@ -124,7 +131,7 @@ def main() -> None:
         else:
             if not args.tiny_source:
                 sys.exit("shards needs --tiny-source")
-            shards(work, os.path.abspath(args.tiny_source))
+            shards(work, os.path.abspath(args.tiny_source), args.teacher_epochs)
     print(f"load average after: {os.getloadavg()}")
 
 
