@@ -135,6 +135,38 @@ def test_report_numbers_equal_mlflow(repo: Path) -> None:
     }
 
 
+def test_mlflow_runs_are_laid_out_for_comparing(repo: Path) -> None:
+    """What the MLflow UI's compare view needs: the cell and the protocol as params, only the
+    selected protocol's settings, per-epoch curves, the dataset input, the report's table."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("wmdd-benchmark").experiment_id
+    row = next(r for r in csv.DictReader((repo / "reports" / "results.csv").open())
+               if (r["method"], r["ipc"]) == ("wmdd", "10"))  # fmt: skip
+    run = client.get_run(row["evaluate_run_id"])
+    assert run.info.run_name == "evaluate/digits/wmdd/ipc10"
+    params = run.data.params
+    assert {k: params[k] for k in ("dataset", "method", "ipc", "budget")} == {
+        "dataset": "digits", "method": "wmdd", "ipc": "10", "budget": "cpu"
+    }  # fmt: skip
+    assert params["protocol.kind"] == "soft" and params["eval_seeds"] == "[0, 1]"
+    assert not [k for k in params if k.startswith(("protocol.hard", "protocol.soft"))]
+    assert params["protocol_hash"] == row["protocol_hash"]
+    for metric in ("seed0.top1", "seed1.top5"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert steps == [50, 100], (metric, steps)  # eval_interval 50 of 100 epochs
+    (dataset,) = run.inputs.dataset_inputs
+    manifest = json.loads((repo / "data" / "digits" / "manifest.json").read_text())
+    assert dataset.dataset.name == "digits"
+    assert dataset.dataset.digest == manifest["checksums"]["data.pt"][:16]
+    (report,) = client.search_runs(
+        [exp], "tags.stage = 'report'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    artifacts = {a.path for a in client.list_artifacts(report.info.run_id)}
+    assert {"results_table.json", "benchmark.md", "figures"} <= artifacts
+
+
 def test_second_repro_does_no_work(repo: Path) -> None:
     start = time.perf_counter()
     proc = _run([str(BIN / "dvc"), "repro"], repo)
