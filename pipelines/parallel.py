@@ -9,13 +9,13 @@
 
 ``dvc repro`` stays the plain, sequential way; this runs the same DVC graph (DVC decides
 what changed, DVC's run cache restores what ran before, ``dvc.lock`` is written as ``dvc
-repro`` writes it) with every ready stage submitted to a worker. With ``--seed-tasks`` an evaluation runs as one
-task per eval seed, with ``--shards`` a distillation as class ranges, then the stage
-assembles them: worth it when a stage takes minutes, since each task costs a process start
-(about 6 s here; on the digits pipeline, 2 workers: 557 s without seed tasks, 721 s with
-them, against 1002 s for ``dvc repro``). Each stage process uses ``benchmark.threads`` torch threads, so results are
-byte-identical to a sequential run with the same setting. Needs ``pip install -e
-'.[cluster]'``. Exits 1 naming the stages that failed (their logs: ``logs/parallel/``).
+repro`` writes it) with every ready stage submitted to a worker. With ``--seed-tasks`` an
+evaluation runs as one task per eval seed, with ``--shards`` a distillation as class
+ranges, then the stage assembles them: worth it when a stage takes minutes, since each task
+costs a process start (README "Scaling out" has the measured speed-ups). Each stage process
+uses ``benchmark.threads`` torch threads, so results are byte-identical to a sequential run
+with the same setting. Needs ``pip install -e '.[cluster]'``. Exits 1 naming the stages
+that failed (their logs: ``logs/parallel/``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ from pathlib import Path
 from pipelines.common import setup_logging
 from pipelines.registry import shard_ranges
 from wmdd.config import ConfigError, load_params
-from wmdd.scale.runner import EngineMissingError, PipelineRunner, Task, require_dask
+from wmdd.scale.runner import (
+    EngineMissingError,
+    PipelineRunner,
+    Task,
+    require_dask,
+    stage_command,
+)
 
 log = logging.getLogger("pipelines.parallel")
 
@@ -57,7 +63,7 @@ def splitter(args: argparse.Namespace, eval_seeds: tuple[int, ...], gpu: bool):
 
     def split(stage) -> list[Task]:
         name, _, cell = stage.addressing.partition("@")
-        cmd = stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd)
+        cmd = stage_command(stage)
         if name == "evaluate" and args.seed_tasks and len(eval_seeds) > 1:
             return [Task(stage.addressing, f"{stage.addressing} seed {s}", f"{cmd} --seed {s}", gpu)
                     for s in eval_seeds]  # fmt: skip

@@ -3,6 +3,7 @@ process, and the split of the protocol's batches."""
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
 def test_ranks_split_each_batch_into_the_protocols_views(n: int, world: int) -> None:
     parts = [Ranks(r, world).part(n) for r in range(world)]
     assert parts[0].start == 0 and parts[-1].stop == n
-    assert all(a.stop == b.start for a, b in zip(parts, parts[1:], strict=False))
+    assert all(a.stop == b.start for a, b in pairwise(parts))
     sizes = [p.stop - p.start for p in parts]
     assert max(sizes) - min(sizes) <= 1
     # DDP averages the ranks' gradients of scale * (mean loss of the part): every image then

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -184,9 +185,7 @@ def test_aligned_ranges_tile_the_classes_on_group_boundaries() -> None:
     for n, g, k in [(17, 3, 4), (100, 100, 2), (7, 1, 7)]:
         ranges = aligned_ranges(n, g, k)
         assert ranges[0].start == 0 and ranges[-1].stop == n and len(ranges) <= k
-        assert all(
-            a.stop == b.start and b.start % g == 0 for a, b in zip(ranges, ranges[1:], strict=False)
-        )
+        assert all(a.stop == b.start and b.start % g == 0 for a, b in pairwise(ranges))
 
 
 METHOD_OVERRIDES = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,7 +82,7 @@ def test_bn_loss_grows_linearly_with_a_scaled_shift_of_the_targets() -> None:
         atol=1e-4,
         rtol=1e-4,
     )
-    assert all(a < b for a, b in zip(losses, losses[1:], strict=False))
+    assert all(a < b for a, b in pairwise(losses))
 
 
 def test_first_bn_multiplier_applies_to_the_first_layer_only() -> None:

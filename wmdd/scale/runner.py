@@ -240,7 +240,7 @@ class PipelineRunner:
         pending = as_completed([])
         phase: dict[Any, str] = {}  # stage -> "parts" | "final"
         left: dict[Any, int] = {}  # stage -> sub-tasks still running
-        futures: dict[Any, Any] = {}  # future -> stage
+        futures: dict[Any, tuple[Any, Task]] = {}  # future -> (stage, task)
         started: dict[Any, float] = {}
         total = len(order)
 
@@ -332,8 +332,12 @@ class PipelineRunner:
         return outcome
 
     def _task(self, stage: Any) -> Task:
-        cmds = stage.cmd if isinstance(stage.cmd, list) else [stage.cmd]
-        return Task(stage.addressing, stage.addressing, " && ".join(cmds), gpu=self.gpu)
+        return Task(stage.addressing, stage.addressing, stage_command(stage), gpu=self.gpu)
+
+
+def stage_command(stage: Any) -> str:
+    """A DVC stage's command as one shell line (DVC runs a list of commands in turn)."""
+    return stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd)
 
 
 def _lock_stages(lock: Path) -> list[str]:
