@@ -16,7 +16,9 @@ caller's business: :func:`herding_select` only sees the feature matrix.
 
 The benchmark method :func:`herding` uses the teacher's penultimate features
 :math:`\\phi(x)` (``teacher.forward_features``, eval mode, no L2 normalisation) of every training
-image of a class, in the dataset's normalised space, and returns the selected real images.
+image of a class, in the dataset's normalised space, and returns the selected real images. The
+features are the ones WMDD uses, computed once per teacher by the ``teacher_stats`` stage
+(:mod:`wmdd.synthesis.teacher_stats`).
 """
 
 from __future__ import annotations
@@ -29,20 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from wmdd.data.prepared import TrainingImages
-from wmdd.synthesis.features import extract_features
+from wmdd.synthesis.teacher_stats import TeacherStats, teacher_stats_for
 from wmdd.synthetic_set import SyntheticSet
 
 
 @dataclass(frozen=True)
 class HerdingConfig:
-    """Settings of the herding baseline."""
-
-    # Images per teacher forward pass when extracting features.
-    feature_batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        if self.feature_batch_size < 1:
-            raise ValueError(f"feature_batch_size must be >= 1, got {self.feature_batch_size}")
+    """Settings of the herding baseline: none (the teacher's features come from the shared
+    ``teacher_stats`` stage, whose batch size does not change them)."""
 
 
 def herding_select(features: Tensor, k: int) -> Tensor:
@@ -98,6 +94,7 @@ def herding(
     seed: int,
     device: torch.device,
     progress: bool = False,
+    teacher_stats: TeacherStats | None = None,
 ) -> SyntheticSet:
     """Selects ``ipc`` real images per class by herding on the teacher's features.
 
@@ -109,37 +106,35 @@ def herding(
         data: The prepared dataset.
         classes: Classes to select from.
         ipc: Images per class (at most the class's training images).
-        config: Feature-extraction batch size.
+        config: No settings (kept for the method contract).
         seed: Unused (herding is deterministic).
         device: Where the teacher runs.
+        progress: tqdm bar when the features are computed here.
+        teacher_stats: The ``teacher_stats`` stage's features (shared with WMDD); computed
+            here for ``classes`` when not given.
 
     Returns:
         Images (len(classes) * ipc, C, H, W) in normalised space, ordered by (class, herding
         order), with ``aux["train_indices"]`` (train-split positions) and
-        ``aux["timings"]``.
+        ``aux["timings"]`` (seconds: teacher_stats (0 when given), select).
     """
-    del seed, progress
+    del seed, config
     if teacher is None:
         raise ValueError("herding needs a teacher (its penultimate features are herded)")
+    classes = list(classes)
     data.check_ipc(classes, ipc)
     start = time.perf_counter()
+    stats = teacher_stats_for(teacher_stats, teacher, data, classes, device=device,
+                              progress=progress)  # fmt: skip
+    timings = {"teacher_stats": 0.0 if teacher_stats is not None else time.perf_counter() - start}
+    start = time.perf_counter()
     images, labels, indices = [], [], []
-    for c in classes:
+    for c, phi in zip(classes, stats.class_features(classes), strict=True):
         index = data.train_indices_of_class(c)  # (n_c,) train positions, dataset order
-        pool = data.train_images(index)  # (n_c, C, H, W) uint8
-        phi = extract_features(
-            teacher,
-            pool,
-            batch_size=config.feature_batch_size,
-            device=device,
-            normalize=data.normalize,
-        )  # (n_c, D)
         pick = herding_select(phi, ipc)  # (ipc,) indices within the class
-        images.append(data.normalize(pool[pick]))
+        images.append(data.normalize(data.train_images(index[pick])))
         labels.append(torch.full((ipc,), c, dtype=torch.long))
         indices.append(index[pick])
-    aux = {
-        "train_indices": torch.cat(indices),
-        "timings": {"select": time.perf_counter() - start},
-    }
+    timings["select"] = time.perf_counter() - start
+    aux = {"train_indices": torch.cat(indices), "timings": timings}
     return SyntheticSet(torch.cat(images), torch.cat(labels), aux=aux)

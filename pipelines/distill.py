@@ -34,6 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     teacher = load_teacher(teacher_file, device=device) if spec.needs_teacher else None
     seed = derive_seed(stage.bench.seed, args.dataset, args.method)
     inputs = [paths.data_dir(args.dataset)] + ([teacher_file] if teacher is not None else [])
+    method_inputs = {}
+    if spec.uses_teacher_stats:  # imported here: a method without it never loads the module
+        from wmdd.synthesis.teacher_stats import load_teacher_stats
+
+        stats_file = paths.teacher_stats_path(args.dataset)
+        method_inputs["teacher_stats"] = load_teacher_stats(stats_file, teacher_file)
+        inputs.append(stats_file)
     run_params = {**flatten(config, "method."), "seed": seed, "ipc": args.ipc}
     resume = stage.checkpoints(params=(run_params, stage.tags()), inputs=inputs)
     shard = len(classes) < data.num_classes  # a part of the cell: no output
@@ -45,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         synthetic, metrics = distill_classes(
             spec.fn, classes=classes, num_classes=data.num_classes, ipc=args.ipc, resume=resume,
             method=args.method, teacher=teacher, data=data, config=config, seed=seed,
-            device=device, progress=stage.progress,
+            device=device, progress=stage.progress, **method_inputs,
         )  # fmt: skip
         mlflow.log_metrics(metrics)
         if synthetic is None:

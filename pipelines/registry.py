@@ -39,6 +39,8 @@ class MethodRef:
     # Name of ``class_group(config, ipc) -> int`` in the module: a class-range shard must start
     # on a multiple of it (the synthesis batches' class groups); None = any range.
     class_group: str | None = None
+    # Whether the method takes ``teacher_stats=`` (the teacher_stats stage's output, shared).
+    uses_teacher_stats: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class MethodSpec:
     needs_teacher: bool  # whether the distill stage must load the teacher
     description: str  # one line for reports and --help
     defaults: dict[str, Any] = field(default_factory=dict)  # fixed values of a named variant
+    uses_teacher_stats: bool = False  # takes ``teacher_stats=`` (the shared stage's output)
 
 
 METHODS: dict[str, MethodRef] = {
@@ -68,6 +71,7 @@ METHODS: dict[str, MethodRef] = {
         True,
         "WMDD: Wasserstein barycenters + per-class BN matching (Liu et al.)",
         class_group="class_group",
+        uses_teacher_stats=True,
     ),
     "sre2l": MethodRef(
         "baselines.sre2l",
@@ -98,6 +102,7 @@ METHODS: dict[str, MethodRef] = {
         "HerdingConfig",
         True,
         "herding: greedy real images keeping the running feature mean closest",
+        uses_teacher_stats=True,
     ),
 }
 
@@ -115,6 +120,7 @@ def get_method(name: str) -> MethodSpec:
         needs_teacher=ref.needs_teacher,
         description=ref.description,
         defaults=dict(ref.defaults),
+        uses_teacher_stats=ref.uses_teacher_stats,
     )
 
 

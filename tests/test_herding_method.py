@@ -8,6 +8,7 @@ from helpers import tiny_prepared, tiny_teacher
 from torch.testing import assert_close
 
 from baselines.herding import HerdingConfig, herding, herding_select
+from wmdd.synthesis.teacher_stats import compute_teacher_stats
 
 CPU = torch.device("cpu")
 
@@ -16,17 +17,19 @@ def _teacher() -> torch.nn.Module:
     return tiny_teacher(res=8)
 
 
-@pytest.mark.parametrize("feature_batch_size", [5, 256])
-def test_selects_the_images_herding_picks_on_teacher_features(feature_batch_size: int) -> None:
+@pytest.mark.parametrize("batch_size", [5, 256])
+def test_selects_the_images_herding_picks_on_teacher_features(batch_size: int) -> None:
     data, teacher, ipc = tiny_prepared(res=8), _teacher(), 3
+    stats = compute_teacher_stats(teacher, data, range(4), batch_size=batch_size, device=CPU)
     out = herding(
         teacher=teacher,
         data=data,
         classes=range(4),
         ipc=ipc,
-        config=HerdingConfig(feature_batch_size=feature_batch_size),
+        config=HerdingConfig(),
         seed=0,
         device=CPU,
+        teacher_stats=stats,
     )
     assert out.images.shape == (4 * ipc, 3, 8, 8)
     assert out.labels.tolist() == [c for c in range(4) for _ in range(ipc)]

@@ -25,7 +25,7 @@ from baselines.dm import DMConfig
 from baselines.herding import HerdingConfig
 from baselines.random_subset import RandomConfig
 from baselines.sre2l import SRe2LConfig
-from pipelines import diagnose, distill, evaluate, prepare, relabel, teacher
+from pipelines import diagnose, distill, evaluate, prepare, relabel, teacher, teacher_stats
 from pipelines.registry import get_method
 from wmdd.config import DataConfig, ModelConfig
 from wmdd.data import LazySplitSet, PreparedData, load_data
@@ -93,15 +93,11 @@ def _teacher() -> nn.Module:
 SYNTH = SynthesisConfig(iterations=2, lr=0.1, batch_budget=2, jitter=(-1, 1), init="noise")
 CONFIGS = {
     "random": RandomConfig(),
-    "herding": HerdingConfig(feature_batch_size=4),
+    "herding": HerdingConfig(),
     "dm": DMConfig(iterations=2, real_per_class=4, embed_width=8, embed_depth=2),
     "sre2l": SRe2LConfig(synthesis=SYNTH),
-    "wmdd": WMDDConfig(synthesis=SYNTH, feature_batch_size=4, bn_batch_size=4),
-    "wmdd_real_init": WMDDConfig(
-        synthesis=dataclasses.replace(SYNTH, init="real"),
-        feature_batch_size=4,
-        bn_batch_size=4,
-    ),
+    "wmdd": WMDDConfig(synthesis=SYNTH),
+    "wmdd_real_init": WMDDConfig(synthesis=dataclasses.replace(SYNTH, init="real")),
 }
 
 
@@ -210,9 +206,8 @@ def _params(tmp_path: Path, source: Path, weights: Path) -> Path:
     params["benchmark"].update(datasets=["lazy"], eval_seeds=[0])
     params["methods"]["wmdd"]["overrides"]["lazy"] = {
         "synthesis": {"iterations": 2, "batch_budget": 8},
-        "feature_batch_size": 4,
-        "bn_batch_size": 4,
     }
+    params["teacher_stats"] = {"batch_size": 4}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -229,6 +224,7 @@ def test_stages_run_on_a_lazy_profile(tmp_path: Path, monkeypatch) -> None:
     assert read_json(tmp_path / "data/lazy/manifest.json")["lazy"] is True
     assert not (tmp_path / "data/lazy/data.pt").exists()
     teacher.main(common)
+    teacher_stats.main(common)
     for method in ("random", "wmdd"):
         cell = [*common, "--method", method, "--ipc", "1"]
         distill.main(cell)

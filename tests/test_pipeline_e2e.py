@@ -127,6 +127,7 @@ def test_report_numbers_equal_mlflow(repo: Path) -> None:
     assert stages == {
         "prepare",
         "teacher",
+        "teacher_stats",
         "distill",
         "relabel",
         "evaluate",
@@ -214,6 +215,7 @@ def test_code_edits_invalidate_exactly_the_stages_that_run_the_code(repo: Path) 
     )
     distill = _status_after_edit(repo, "baselines/dm.py")
     assert distill == {s for s in every if s.startswith("distill@")}
+    assert _status_after_edit(repo, "pipelines/teacher_stats.py") == {"teacher_stats@digits"}
 
 
 def _stage_names(repo: Path) -> list[str]:
@@ -228,6 +230,7 @@ FORCED = [
     "report",
     "prepare@digits",
     "teacher@digits",
+    "teacher_stats@digits",
     "distill@digits-wmdd-1",
     "relabel@digits-random-1",
     "evaluate@digits-random-1",
@@ -277,7 +280,7 @@ def test_parallel_runner_writes_what_sequential_repro_wrote(repo: Path, tmp_path
     ours = yaml.safe_load((dest / "dvc.lock").read_text())["stages"]
     theirs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     common = [s for s in ours if s != "report"]
-    assert len(common) == 2 + 4 * 2  # prepare, teacher; 4 stages x 2 cells
+    assert len(common) == 3 + 4 * 2  # prepare, teacher, teacher_stats; 4 stages x 2 cells
     for stage in common:
         assert ours[stage]["outs"] == theirs[stage]["outs"], stage
     status = _run([str(BIN / "dvc"), "status", "--json"], dest)

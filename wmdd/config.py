@@ -380,6 +380,19 @@ class BenchmarkConfig:
 
 
 @dataclass(frozen=True)
+class TeacherStatsConfig:
+    """The ``teacher_stats`` stage: the teacher's features and per-class BN statistics of the
+    real images, computed once per profile and shared by WMDD (every IPC) and herding."""
+
+    # Images of one class per teacher forward. WMDD's ``bn_pooling: batch_mean`` (the official
+    # code's pooling) depends on it, with 100 as in the official code; nothing else does.
+    batch_size: int = 100
+
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least={"batch_size": 1})
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """How stages run; nothing here changes a result, so no stage depends on it."""
 
@@ -413,6 +426,7 @@ class Params:
     benchmark: BenchmarkConfig
     datasets: dict[str, ProfileConfig]
     methods: dict[str, dict[str, Any] | None]  # validated per method by pipelines.registry
+    teacher_stats: TeacherStatsConfig = field(default_factory=TeacherStatsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # how stages run
     compare: CompareConfig = field(default_factory=CompareConfig)  # pipelines.compare
 

@@ -17,6 +17,11 @@ def teacher_path(profile: str) -> Path:
     return teacher_dir(profile) / "teacher.pt"
 
 
+def teacher_stats_path(profile: str) -> Path:
+    """The teacher's features and per-class BN statistics (``teacher_stats`` stage)."""
+    return teacher_dir(profile) / "teacher_stats.pt"
+
+
 def teacher_metrics_path(profile: str) -> Path:
     return teacher_dir(profile) / "metrics.json"
 

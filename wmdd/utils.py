@@ -146,7 +146,7 @@ class ArtifactError(ValueError):
 
 
 def load_artifact(
-    path: str | Path, what: str, *, keys: tuple[str, ...] = (), stage: str = ""
+    path: str | Path, what: str, *, keys: tuple[str, ...] = (), stage: str = "", mmap: bool = False
 ) -> Any:
     """``torch.load(path, weights_only=True)`` whose errors name the file and what it should
     be, in one line, and say how to re-create it (never to load it unsafely).
@@ -155,6 +155,7 @@ def load_artifact(
         what: What the file is ("teacher checkpoint", "synthetic set", ...).
         keys: Keys the loaded mapping must have.
         stage: The DVC stage that writes the file, for the hint.
+        mmap: Memory-map the file's tensors instead of reading them (large files).
 
     Raises:
         FileNotFoundError: The file does not exist.
@@ -168,7 +169,7 @@ def load_artifact(
     try:
         with warnings.catch_warnings():  # torch's warnings about foreign pickles: see below
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many kinds: unpickling, zip, EOF, runtime
         raise ArtifactError(
             f"{path}: cannot read this {what}: the file is corrupt, truncated or was written by "

@@ -21,12 +21,6 @@ class WMDDConfig:
     squared: bool = False  # square the feature and BN norms (paper's figure); official: False
     bn_pooling: Literal["exact", "batch_mean"] = "exact"  # exact pooled stats vs official mean
     weighted_barycenter: bool = False  # optimise barycenter weights too (paper: slightly worse)
-    feature_batch_size: int = 256  # images per forward when extracting features
-    bn_batch_size: int = 100  # images per forward for BN stats ("batch_mean" depends on it)
 
     def __post_init__(self) -> None:
-        check_ranges(
-            self,
-            at_least={"feature_batch_size": 1, "bn_batch_size": 1},
-            non_negative=("lambda_bn", "r_ce"),
-        )
+        check_ranges(self, non_negative=("lambda_bn", "r_ce"))

@@ -2,13 +2,15 @@ r"""WMDD: Wasserstein Metric-based Dataset Distillation (Liu et al., arXiv 2311.
 
 Steps (each a named function; :func:`wmdd_distill` wires them):
 
-1. :func:`wmdd.synthesis.features.class_features`: teacher features :math:`\phi(x)` of every training image
-   of each class (evaluation preprocessing, eval mode).
+1. :func:`wmdd.synthesis.teacher_stats.compute_teacher_stats` (the ``teacher_stats`` stage,
+   shared by every IPC and by herding): in one teacher pass per class, the features
+   :math:`\phi(x)` of every training image (evaluation preprocessing, eval mode) and, per BN
+   layer l, the mean :math:`\mu_{l,c}` and biased variance :math:`\sigma^2_{l,c}` of the BN
+   input over all of the class's real images and pixels.
 2. :func:`wmdd.method.barycenter.class_barycenters`: per class, the free-support W2 barycenter
    :math:`B_c = (b_{c,1}, \dots, b_{c,k})` of the class's empirical feature distribution with k
    uniform support points; initial support seed ``derive_seed(seed, "barycenter", c)``.
-3. :func:`class_bn_targets`: per class and BN layer l, mean :math:`\mu_{l,c}` and biased variance
-   :math:`\sigma^2_{l,c}` of the BN input over all of the class's real images and pixels.
+3. The BN targets: the per-class statistics of step 1 (or the running ones, ``bn_target``).
 4. :func:`wmdd.synthesis.loop.synthesize` with :func:`class_batches` and
    :func:`wmdd.method.loss.wmdd_loss`: for a
    batch holding classes :math:`c \in \mathcal{C}`, k images each, image m of class c tied by
@@ -58,68 +60,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from wmdd.checkpoint import Checkpointer
 from wmdd.data.prepared import TrainingImages
 from wmdd.method.barycenter import class_barycenters, stack_supports
 from wmdd.method.config import WMDDConfig
 from wmdd.method.loss import WMDDTargets, teacher_forward, wmdd_loss
-from wmdd.synthesis.bn_stats import BNInputRecorder, BNStats, global_bn_stats, per_class_bn_stats
-from wmdd.synthesis.features import class_features
+from wmdd.synthesis.bn_stats import BNInputRecorder, BNStats, global_bn_stats
 from wmdd.synthesis.loop import (
     class_batches,
     synthesize_dataset,
 )
+from wmdd.synthesis.teacher_stats import TeacherStats, teacher_stats_for
 from wmdd.synthetic_set import SyntheticSet
 from wmdd.utils import derive_seed
 
-__all__ = ["WMDDConfig", "class_bn_targets", "wmdd_distill"]
-
-
-def class_bn_targets(
-    teacher: nn.Module,
-    data: TrainingImages,
-    classes: Sequence[int],
-    *,
-    batch_size: int,
-    device: torch.device,
-    pooling: Literal["exact", "batch_mean"] = "exact",
-    progress: bool = True,
-) -> BNStats:
-    """Per-class BN-input statistics of the real images of ``classes`` (rows in that order).
-
-    Calls :func:`wmdd.synthesis.bn_stats.per_class_bn_stats` one class at a time, so only one class is
-    ever normalised to float in memory; the statistics are per class, hence identical to one
-    call over all classes.
-    """
-    per_class = []
-    for c in tqdm(list(classes), desc="per-class BN stats", disable=not progress):
-        x = data.normalize(data.train_of_class(c))  # (n_c, C, R, R)
-        labels = torch.zeros(len(x), dtype=torch.long)
-        per_class.append(
-            per_class_bn_stats(
-                teacher,
-                x,
-                labels,
-                num_classes=1,
-                batch_size=batch_size,
-                device=device,
-                pooling=pooling,
-                progress=False,
-            )
-        )
-    layers = range(len(per_class[0].layer_names))
-    return BNStats(
-        layer_names=per_class[0].layer_names,
-        mean=[torch.cat([s.mean[i] for s in per_class]) for i in layers],  # (C_range, C_l)
-        var=[torch.cat([s.var[i] for s in per_class]) for i in layers],  # (C_range, C_l)
-        pooling=pooling,
-    )
+__all__ = ["WMDDConfig", "wmdd_distill"]
 
 
 def _repeat_rows(stats: BNStats, rows: int) -> BNStats:
@@ -143,32 +103,22 @@ def _bn_state(stats: BNStats) -> dict[str, Any]:
 
 
 def _feature_targets(
-    teacher: nn.Module,
-    data: TrainingImages,
+    stats: TeacherStats | None,
     classes: range,
     ipc: int,
     *,
     config: WMDDConfig,
     seed: int,
-    device: torch.device,
     progress: bool,
-) -> tuple[Tensor | None, Tensor | None, dict[str, float]]:
-    """Barycenters (C_range, k, D) or class means (C_range, D) as the feature loss needs."""
-    timings = {"features": 0.0, "barycenters": 0.0}
+) -> tuple[Tensor | None, Tensor | None, float]:
+    """Barycenters (C_range, k, D) or class means (C_range, D) as the feature loss needs,
+    and the barycenters' seconds."""
     if config.feature_loss == "ce":
-        return None, None, timings
-    start = time.perf_counter()
-    feats = class_features(
-        teacher,
-        data,
-        classes,
-        batch_size=config.feature_batch_size,
-        device=device,
-        progress=progress,
-    )  # C_range x (n_c, D)
-    timings["features"] = time.perf_counter() - start
+        return None, None, 0.0
+    assert stats is not None
+    feats = stats.class_features(classes)  # C_range x (n_c, D)
     if config.feature_loss == "mmd":
-        return None, torch.stack([f.mean(dim=0) for f in feats]), timings  # (C_range, D)
+        return None, torch.stack([f.mean(dim=0) for f in feats]), 0.0  # (C_range, D)
     start = time.perf_counter()
     bary = class_barycenters(
         feats,
@@ -177,34 +127,22 @@ def _feature_targets(
         weighted=config.weighted_barycenter,
         progress=progress,
     )
-    timings["barycenters"] = time.perf_counter() - start
-    return stack_supports(bary), None, timings  # (C_range, k, D)
+    return stack_supports(bary), None, time.perf_counter() - start  # (C_range, k, D)
 
 
 def _bn_targets(
-    teacher: nn.Module,
-    data: TrainingImages,
-    classes: range,
-    *,
-    config: WMDDConfig,
-    device: torch.device,
-    progress: bool,
-) -> tuple[BNStats, float]:
-    """The BN target statistics (per class, or global running stats) and their time."""
-    start = time.perf_counter()
+    stats: TeacherStats | None, teacher: nn.Module, classes: range, config: WMDDConfig
+) -> BNStats:
+    """The BN target statistics: per class, or the teacher's global running statistics."""
     if config.bn_target == "global":
-        stats = global_bn_stats(teacher)  # (1, C_l) per layer
-    else:
-        stats = class_bn_targets(
-            teacher,
-            data,
-            classes,
-            batch_size=config.bn_batch_size,
-            device=device,
-            pooling=config.bn_pooling,
-            progress=progress,
-        )
-    return stats, time.perf_counter() - start
+        return global_bn_stats(teacher)  # (1, C_l) per layer
+    assert stats is not None
+    return stats.bn_stats(classes, config.bn_pooling)  # (C_range, C_l) per layer
+
+
+def _needs_teacher_stats(config: WMDDConfig) -> bool:
+    """Whether the configuration uses the real images' features or per-class BN statistics."""
+    return config.feature_loss != "ce" or config.bn_target != "global"
 
 
 def _check_inputs(
@@ -236,6 +174,7 @@ def wmdd_distill(
     device: torch.device,
     progress: bool = True,
     checkpoint: Checkpointer | None = None,
+    teacher_stats: TeacherStats | None = None,
 ) -> SyntheticSet:
     """Distil ``ipc`` images for each class of ``classes`` with WMDD (see the module docstring).
 
@@ -250,23 +189,30 @@ def wmdd_distill(
         device: Where the teacher runs.
         progress: tqdm bars.
         checkpoint: Makes the synthesis resumable (:mod:`wmdd.checkpoint`).
+        teacher_stats: The ``teacher_stats`` stage's features and BN statistics (all IPCs
+            share them); computed here for the needed classes when not given.
 
     Returns:
         :class:`SyntheticSet` in normalised space ordered by (class, slot), with ``aux``:
         ``classes``, ``barycenters`` (C_range, k, D) or ``class_means`` (C_range, D) when
         used, ``bn_stats`` (the unrepeated targets as a dict), ``synthesis`` (final losses) and
-        ``timings`` (seconds: features, barycenters, bn_stats, optimise).
+        ``timings`` (seconds: teacher_stats (0 when given), barycenters, optimise).
     """
     _check_inputs(teacher, data, classes, ipc, config)
     scfg = config.synthesis
     batches = class_batches(classes, ipc, scfg.batch_budget, num_classes=data.num_classes)
     class_range = range(int(batches[0].classes[0]), int(batches[-1].classes[-1]) + 1)
-    bary, means, timings = _feature_targets(
-        teacher, data, class_range, ipc, config=config, seed=seed, device=device, progress=progress
+    start = time.perf_counter()
+    real = None  # the teacher's view of the real images, when the loss uses it
+    if _needs_teacher_stats(config):
+        real = teacher_stats_for(
+            teacher_stats, teacher, data, class_range, device=device, progress=progress
+        )
+    timings = {"teacher_stats": 0.0 if teacher_stats is not None else time.perf_counter() - start}
+    bary, means, timings["barycenters"] = _feature_targets(
+        real, class_range, ipc, config=config, seed=seed, progress=progress
     )
-    bn_stats, timings["bn_stats"] = _bn_targets(
-        teacher, data, class_range, config=config, device=device, progress=progress
-    )
+    bn_stats = _bn_targets(real, teacher, class_range, config)
     bn_rows = _repeat_rows(bn_stats, len(class_range)) if config.bn_target == "global" else bn_stats
     targets = WMDDTargets(
         first_class=class_range.start,

@@ -44,6 +44,8 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "BNInputRecorder",
+    "BatchMeanPool",
+    "ExactPool",
     "BNStats",
     "batch_channel_stats",
     "global_bn_stats",
@@ -214,7 +216,7 @@ class BNStats:
         )
 
 
-class _ExactPool:
+class ExactPool:
     """Exact pooled mean/biased variance via Chan et al.'s parallel update, in float64."""
 
     def __init__(self) -> None:
@@ -223,8 +225,13 @@ class _ExactPool:
         self.m2: Tensor | None = None  # (C,) sum of squared deviations
 
     def update(self, x: Tensor) -> None:
-        n_b = x.shape[0] * x.shape[2] * x.shape[3]
-        mean_b, var_b = (s.double() for s in batch_channel_stats(x))
+        """Add the batch ``x`` (N, C, H, W)."""
+        mean_b, var_b = batch_channel_stats(x)
+        self.add(mean_b, var_b, x.shape[0] * x.shape[2] * x.shape[3])
+
+    def add(self, mean_b: Tensor, var_b: Tensor, n_b: int) -> None:
+        """Add a batch of ``n_b`` values per channel given its mean and biased variance."""
+        mean_b, var_b = mean_b.double(), var_b.double()
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n_b, mean_b, var_b * n_b
             return
@@ -239,7 +246,7 @@ class _ExactPool:
         return self.mean, (self.m2 / self.count).clamp_min(0.0)
 
 
-class _BatchMeanPool:
+class BatchMeanPool:
     """Official-code pooling: unweighted average of per-batch means and biased variances."""
 
     def __init__(self) -> None:
@@ -248,7 +255,13 @@ class _BatchMeanPool:
         self.var_sum: Tensor | float = 0.0
 
     def update(self, x: Tensor) -> None:
+        """Add the batch ``x`` (N, C, H, W)."""
         mean_b, var_b = batch_channel_stats(x)
+        self.add(mean_b, var_b, x.shape[0] * x.shape[2] * x.shape[3])
+
+    def add(self, mean_b: Tensor, var_b: Tensor, n_b: int) -> None:
+        """Add a batch's mean and biased variance (every batch weighs the same; ``n_b`` unused)."""
+        del n_b
         self.mean_sum = self.mean_sum + mean_b.double()
         self.var_sum = self.var_sum + var_b.double()
         self.batches += 1
@@ -268,7 +281,7 @@ def _class_stats(
     pooling: Pooling,
 ) -> list[tuple[Tensor, Tensor]]:
     """Per-layer (mean, var) float64 stats of one class's images, batch by batch."""
-    pool_cls = _ExactPool if pooling == "exact" else _BatchMeanPool
+    pool_cls = ExactPool if pooling == "exact" else BatchMeanPool
     pools = [pool_cls() for _ in recorder.layers]
     for start in range(0, images.shape[0], batch_size):
         model(images[start : start + batch_size].to(device))
