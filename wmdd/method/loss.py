@@ -13,7 +13,7 @@ whole method):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -25,38 +25,12 @@ from wmdd.synthesis.bn_stats import BNInputRecorder, BNStats
 from wmdd.synthesis.loop import SynthBatch
 
 __all__ = [
-    "PackedBNTargets",
     "WMDDTargets",
     "bn_matching_loss",
-    "bn_matching_loss_per_layer",
     "grouped_channel_stats",
     "teacher_forward",
     "wmdd_loss",
 ]
-
-
-@dataclass(frozen=True)
-class PackedBNTargets:
-    """BN targets laid out for :func:`bn_matching_loss`'s fused reduction.
-
-    ``table`` row r holds class r's target variances of every layer, then its target means
-    of every layer, side by side: (R, 2 * sum_l C_l). ``segments`` sums a row's squared
-    differences into one value per (statistic, layer): a 0/1 matrix (2 * sum_l C_l, 2 * L).
-    """
-
-    table: Tensor
-    segments: Tensor
-
-    @classmethod
-    def of(cls, stats: BNStats) -> PackedBNTargets:
-        """Pack ``stats`` (per layer (R, C_l) means and variances)."""
-        table = torch.cat([*stats.var, *stats.mean], dim=1)  # (R, 2 * sum C_l)
-        widths = torch.tensor([v.shape[1] for v in stats.var] * 2, device=table.device)
-        column_segment = torch.repeat_interleave(
-            torch.arange(len(widths), device=table.device), widths
-        )  # (2 * sum C_l,) the (statistic, layer) segment of each column
-        segments = F.one_hot(column_segment, len(widths)).to(table.dtype)  # (2 sum C_l, 2L)
-        return cls(table=table, segments=segments)
 
 
 @dataclass(frozen=True)
@@ -70,10 +44,6 @@ class WMDDTargets:
     bn: BNStats  # per layer (C_range, C_l) mean/var (global stats repeated per class)
     barycenters: Tensor | None = None  # (C_range, k, D), for feature_loss="wasserstein"
     class_means: Tensor | None = None  # (C_range, D), for feature_loss="mmd"
-    bn_packed: PackedBNTargets = field(init=False)  # ``bn`` for the fused BN loss
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "bn_packed", PackedBNTargets.of(self.bn))
 
 
 def _class_groups(rows: Tensor) -> tuple[Tensor, int]:
@@ -113,58 +83,33 @@ def grouped_channel_stats(z: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def _mean_norm(diff: Tensor, squared: bool) -> Tensor:
+    """Mean over rows of the row-wise L2 norm (or squared norm) of ``diff`` (G, C)."""
+    norms = diff.square().sum(dim=1) if squared else torch.linalg.vector_norm(diff, dim=1)
+    return norms.mean()
+
+
 def bn_matching_loss(
-    bn_inputs: Sequence[Tensor],
-    targets: BNStats | PackedBNTargets,
-    rows: Tensor,
-    *,
-    squared: bool = False,
+    bn_inputs: Sequence[Tensor], targets: BNStats, rows: Tensor, *, squared: bool = False
 ) -> Tensor:
     """:math:`\\sum_l [\\mathrm{mean}_c \\lVert \\sigma^2_{l,c}(X) - \\sigma^2_{l,c} \\rVert_2
     + \\mathrm{mean}_c \\lVert \\mu_{l,c}(X) - \\mu_{l,c} \\rVert_2]` (norms squared if asked).
 
-    The per-layer group statistics come from :func:`grouped_channel_stats`; everything after
-    them is fused over the layers: one concatenation of the statistics, one subtraction of
-    the targets' rows, one square, one matrix product that sums each (statistic, layer)
-    segment, one square root, one mean. The former per-layer norms and sums
-    (:func:`bn_matching_loss_per_layer`, the reference) ran about ten small operations per layer,
-    forward and backward; the value is the same within float32 rounding (test).
-
     Args:
         bn_inputs: Recorded BN inputs, one (b, C_l, H_l, W_l) tensor per layer.
-        targets: Per-layer target rows (R, C_l), same layers and order as ``bn_inputs``, or
-            their :class:`PackedBNTargets` (what :class:`WMDDTargets` keeps).
+        targets: Per-layer target rows (R, C_l), same layers and order as ``bn_inputs``.
         rows: (b,) int64 target row of each image; classes contiguous, equal run lengths.
         squared: Square the L2 norms (the paper's figure).
 
     Returns:
         Scalar loss (unweighted; :func:`wmdd_loss` multiplies by lambda).
     """
-    packed = targets if isinstance(targets, PackedBNTargets) else PackedBNTargets.of(targets)
-    group_rows, _ = _class_groups(rows)
-    stats = [grouped_channel_stats(z, len(group_rows)) for z in bn_inputs]  # (G, C_l) pairs
-    synthetic = torch.cat([v for _, v in stats] + [m for m, _ in stats], dim=1)  # (G, 2 sum C)
-    diff = synthetic - packed.table[group_rows.to(packed.table.device)]  # (G, 2 sum C_l)
-    per_segment = diff.square() @ packed.segments  # (G, 2L): squared norm per (stat, layer)
-    # sqrt's gradient at an exact match (0) would be infinite; the clamp makes it 0 there,
-    # as torch.linalg.vector_norm's is, and changes no value above 1e-30.
-    norms = per_segment if squared else per_segment.clamp_min(1e-30).sqrt()
-    return norms.mean(dim=0).sum()
-
-
-def bn_matching_loss_per_layer(
-    bn_inputs: Sequence[Tensor], targets: BNStats, rows: Tensor, *, squared: bool = False
-) -> Tensor:
-    """:func:`bn_matching_loss` in its former, unfused form (norms and sums layer by layer):
-    the reference its tests and ``scripts/bench_speed.py`` compare against."""
     group_rows, _ = _class_groups(rows)
     total = bn_inputs[0].new_zeros(())
     for z, mu_t, var_t in zip(bn_inputs, targets.mean, targets.var, strict=True):
         idx = group_rows.to(mu_t.device)
         mu, var = grouped_channel_stats(z, len(group_rows))  # (G, C_l) each
-        for diff in (var - var_t[idx], mu - mu_t[idx]):
-            norms = diff.square().sum(dim=1) if squared else torch.linalg.vector_norm(diff, dim=1)
-            total = total + norms.mean()
+        total = total + _mean_norm(var - var_t[idx], squared) + _mean_norm(mu - mu_t[idx], squared)
     return total
 
 
@@ -216,7 +161,7 @@ def wmdd_loss(
     """
     feature = _feature_term(features, logits, batch, targets, config)
     rows = batch.classes - targets.first_class  # (b,)
-    bn = bn_matching_loss(bn_inputs, targets.bn_packed, rows, squared=config.squared)
+    bn = bn_matching_loss(bn_inputs, targets.bn, rows, squared=config.squared)
     loss = feature + config.lambda_bn * bn
     ce = features.new_zeros(())
     if config.r_ce > 0:
