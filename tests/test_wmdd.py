@@ -144,6 +144,46 @@ def test_grouped_channel_stats_equal_batch_channel_stats_per_group() -> None:
         assert_close(var[g], ref_var)
 
 
+def _two_pass_stats(z: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """The former grouped statistics: mean, then the mean of squared deviations."""
+    zg = z.reshape(groups, z.shape[0] // groups, z.shape[1], -1)  # (G, m, C, H*W)
+    mean = zg.mean(dim=(1, 3))
+    return mean, (zg - mean[:, None, :, None]).square().mean(dim=(1, 3))
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0])  # BN inputs centred, or mean 10x their std
+@pytest.mark.parametrize("squared", [False, True])
+def test_bn_loss_equals_the_former_two_pass_form_with_its_gradient(
+    monkeypatch, offset: float, squared: bool
+) -> None:
+    g = torch.Generator().manual_seed(int(offset) + squared)
+    groups, per_group = 10, 10
+    sizes = [(64, 16), (128, 8), (256, 4), (512, 2)]  # ResNet-18's BN inputs at 64 px
+    bn_inputs = [
+        (torch.randn(groups * per_group, c, s, s, generator=g) + offset).requires_grad_(True)
+        for c, s in sizes
+    ]
+    rows = torch.arange(groups).repeat_interleave(per_group)
+    targets = BNStats(
+        layer_names=tuple(f"bn{i}" for i in range(len(sizes))),
+        mean=[torch.randn(groups, c, generator=g) + offset for c, _ in sizes],
+        var=[torch.rand(groups, c, generator=g) + 0.5 for c, _ in sizes],
+    )
+    new = bn_matching_loss(bn_inputs, targets, rows, squared=squared)
+    new_grads = torch.autograd.grad(new, bn_inputs)
+    monkeypatch.setattr("wmdd.method.loss.grouped_channel_stats", _two_pass_stats)
+    old = bn_matching_loss(bn_inputs, targets, rows, squared=squared)
+    old_grads = torch.autograd.grad(old, bn_inputs)
+    assert_close(new, old, rtol=2e-5, atol=1e-6)
+    for a, b in zip(new_grads, old_grads, strict=True):
+        assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+    # the comparison can fail: dropping the variance term changes the value
+    monkeypatch.setattr(
+        "wmdd.method.loss.grouped_channel_stats", lambda z, n: (_two_pass_stats(z, n)[0],) * 2
+    )
+    assert not torch.allclose(bn_matching_loss(bn_inputs, targets, rows, squared=squared), old)
+
+
 def test_bn_matching_loss_rejects_interleaved_classes() -> None:
     targets = _random_targets(first_class=0, rows=2, k=2)
     z = [torch.randn(4, 8, 2, 2), torch.randn(4, 16, 1, 1)]
