@@ -132,6 +132,16 @@ def test_compose_has_both_services_built_from_the_dockerfiles(compose: dict) -> 
         assert services[name]["network_mode"] == "host"
 
 
+@pytest.mark.parametrize(("opened", "host"), [(None, "127.0.0.1"), ("0.0.0.0", "0.0.0.0")])
+def test_the_compose_server_listens_on_loopback_unless_opened_up(
+    compose: dict, opened, host
+) -> None:
+    """Host network + no authentication: only an explicit MLFLOW_HOST exposes the server."""
+    env = {"MLFLOW_HOST": opened} if opened else {}
+    mlflow_env = {**_env(MLFLOW_DOCKERFILE), **_service_env(compose["services"]["mlflow"], env)}
+    assert mlflow_env["MLFLOW_SERVER_HOST"] == host
+
+
 @pytest.mark.parametrize("port", [None, "5123"])
 def test_bench_tracking_uri_points_at_the_mlflow_server_port(compose: dict, port) -> None:
     env = {"MLFLOW_PORT": port} if port else {}

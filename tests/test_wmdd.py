@@ -184,6 +184,16 @@ def test_bn_loss_equals_the_former_two_pass_form_with_its_gradient(
     assert not torch.allclose(bn_matching_loss(bn_inputs, targets, rows, squared=squared), old)
 
 
+def test_grouped_statistics_hand_written_backward_is_the_exact_gradient() -> None:
+    """torch.autograd.gradcheck (float64, finite differences) of the mean and mean square."""
+    from wmdd.method.loss import _GroupMoments
+
+    z = torch.randn(6, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: _GroupMoments.apply(x, 3), (z,))
+    cl = z.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: grouped_channel_stats(x, 2), (cl,))
+
+
 def test_bn_matching_loss_rejects_interleaved_classes() -> None:
     targets = _random_targets(first_class=0, rows=2, k=2)
     z = [torch.randn(4, 8, 2, 2), torch.randn(4, 16, 1, 1)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,22 +61,54 @@ def _class_groups(rows: Tensor) -> tuple[Tensor, int]:
     return group_rows, int(counts[0])
 
 
+class _GroupMoments(torch.autograd.Function):
+    """Per-group channel mean and mean square of (G * m, C, H, W) with a hand-written backward.
+
+    Forward: two reductions per image and channel, each one read of ``z`` with no full-size
+    temporary (the sum, and the sum of squares as a squared ``vector_norm``), then sums over
+    each group's m images on the small (N, C) results. Backward: the exact gradient
+    ``(g_mean + 2 z g_sq) / count`` as ONE fused ``addcmul`` over ``z``, where autograd's own
+    backward of the same forward runs a dozen full-size kernels (norm, division, masking).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+        n, c, h, w = z.shape
+        per_group = n // groups
+        count = per_group * h * w  # values per (group, channel)
+        sums = z.sum(dim=(2, 3)).reshape(groups, per_group, c).sum(dim=1)  # (G, C)
+        squares = torch.linalg.vector_norm(z, dim=(2, 3)).square()  # (N, C)
+        ctx.save_for_backward(z)
+        ctx.per_group, ctx.count = per_group, count
+        return sums / count, squares.reshape(groups, per_group, c).sum(dim=1) / count
+
+    @staticmethod
+    def backward(ctx: Any, g_mean: Tensor, g_square: Tensor) -> tuple[Tensor, None]:
+        (z,) = ctx.saved_tensors
+        per_image = {"dim": 0, "repeats": ctx.per_group}
+        g1 = (g_mean / ctx.count).repeat_interleave(**per_image)[:, :, None, None]  # (N, C, 1, 1)
+        g2 = (g_square * (2.0 / ctx.count)).repeat_interleave(**per_image)[:, :, None, None]
+        return torch.addcmul(g1, z, g2), None  # g1 + z * g2, one pass over z
+
+
 def grouped_channel_stats(z: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     r"""Per-group channel mean and biased variance of a batch of G contiguous groups.
 
     For group g (images ``g*m .. (g+1)*m - 1``) and channel ch, the statistics over the
     group's m images x H x W, i.e. :func:`wmdd.synthesis.bn_stats.batch_channel_stats` of
-    each group, from two reductions of the BN input per image and channel, each one read of
-    ``z`` with no full-size temporary: the sum, and the sum of squares as a squared
-    ``vector_norm``. Then :math:`\mathrm{var} = E[z^2] - E[z]^2` on the small (G, C) tensors.
+    each group: the mean and mean square from :class:`_GroupMoments` (one read of ``z`` per
+    moment forward, one fused pass backward), then :math:`\mathrm{var} = E[z^2] - E[z]^2` on
+    the small (G, C) tensors.
 
-    The BN loss is about a sixth of the teacher's forward + backward at ``imagenette_cpu``
-    (ResNet-18, 100 images at 64 px); this form cuts its forward + backward 2.6x against the
-    two-pass ``mean((z - mean)^2)`` it replaced (which wrote two full-size temporaries
-    forward and more backward; ``scripts/bench_speed.py``). The price is float32
-    cancellation in :math:`E[z^2] - E[z]^2`: relative error in the variance about
-    ``1e-7 * (1 + mean^2 / var)`` times a small factor (1e-5 measured on a ResNet-18's BN
-    inputs; the test bounds it), far below what the loss resolves; clamped at 0.
+    The BN loss costs about a sixth of the teacher's forward + backward at ``imagenette_cpu``
+    with the two-pass form ``mean((z - mean)^2)`` it replaced, which wrote full-size
+    temporaries forward and backward; this form is about 3x cheaper (forward + backward of
+    the whole BN loss, ResNet-18, 100 images at 64 px, one thread: ``scripts/bench_speed.py``).
+    The price is float32 cancellation in :math:`E[z^2] - E[z]^2`: a relative error in the
+    variance of order ``1e-7 * (1 + mean^2 / var)`` times a small factor (about 1e-5 measured
+    on a ResNet-18's BN inputs; ``tests/test_wmdd.py`` bounds the loss and its gradient
+    against the two-pass form, also for inputs whose mean is 10x their spread), far below
+    what the loss resolves. The variance is clamped at 0.
 
     Args:
         z: BN input (G * m, C, H, W), the images of a group contiguous.
@@ -85,13 +117,8 @@ def grouped_channel_stats(z: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     Returns:
         ``(mean, var)``, each (G, C); differentiable.
     """
-    n, c, h, w = z.shape
-    count = (n // groups) * h * w  # values per (group, channel)
-    sums = z.sum(dim=(2, 3)).reshape(groups, n // groups, c).sum(dim=1)  # (G, C)
-    squares = torch.linalg.vector_norm(z, dim=(2, 3)).square()  # (N, C) sum of squares
-    mean = sums / count
-    mean_sq = squares.reshape(groups, n // groups, c).sum(dim=1) / count  # (G, C)
-    return mean, (mean_sq - mean.square()).clamp_min(0.0)
+    mean, mean_square = _GroupMoments.apply(z, groups)
+    return mean, (mean_square - mean.square()).clamp_min(0.0)
 
 
 def _mean_norm(diff: Tensor, squared: bool) -> Tensor:
