@@ -29,7 +29,7 @@ from wmdd.distributed import Ranks, init_ranks, ranks_from_env
 from wmdd.tracking import lifecycle
 from wmdd.tracking.runs import log_dataset, stage_run
 from wmdd.tracking.store import TrackingError
-from wmdd.utils import resolve_device
+from wmdd.utils import resolve_device, set_channels_last
 
 
 class StageArgumentParser(argparse.ArgumentParser):
@@ -204,6 +204,7 @@ def open_stage(
         )
     if params.benchmark.threads > 0:
         torch.set_num_threads(params.benchmark.threads)
+    set_channels_last(params.benchmark.channels_last)
     ranks = ranks_from_env()
     if ranks is not None and not data_parallel:
         raise ConfigError(f"stage {name!r} does not run data-parallel: start it without torchrun")

@@ -263,3 +263,30 @@ def test_load_teacher_is_strict(tmp_path) -> None:
 def test_load_teacher_missing_file(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="teacher.pt"):
         load_teacher(tmp_path / "teacher.pt", device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("resnet18", {"stem": "imagenet"}), ("convnet", {"width": 8, "depth": 3, "norm": "batch"})],
+)
+def test_channels_last_setting_builds_nhwc_models_with_the_same_function(
+    name: str, kwargs: dict
+) -> None:
+    from wmdd.utils import seeded_init as seeded
+    from wmdd.utils import set_channels_last
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for enabled in (False, True):
+        set_channels_last(enabled)
+        try:
+            with seeded(0):
+                model = create_model(name, num_classes=5, in_chans=3, resolution=32, **kwargs)
+        finally:
+            set_channels_last(False)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == enabled
+        assert conv.weight.is_contiguous() != enabled
+        with torch.no_grad():
+            outputs[enabled] = model.eval()(x)
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 
@@ -73,10 +74,15 @@ def _assert_same_batches(a, b) -> None:
 # -- stored == online --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("label_dtype", ["float16", "float32"])
-def test_stored_and_online_give_identical_views_and_targets(teacher, label_dtype) -> None:
+def test_stored_and_online_give_identical_views_and_targets(
+    teacher, label_dtype, channels_last
+) -> None:
     cfg = _cfg(label_dtype=label_dtype)
     images = _images(10)
+    if channels_last:  # benchmark.channels_last: the teacher in NHWC, in both modes
+        teacher = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
     stored = StoredLabels.compute(teacher, images, cfg, seed=123, progress=False)
     online = OnlineLabels(teacher, cfg, seed=123)
     s, o = _epochs(stored, images, cfg.epochs), _epochs(online, images, cfg.epochs)

@@ -374,6 +374,12 @@ class BenchmarkConfig:
     # kernels sum in an order that depends on it, so results are byte-identical only for
     # the same value; stages that compute depend on it (dvc.yaml).
     threads: int = 1
+    # Every model (teacher, students, DM's embedders, synthesis) in the channels_last (NHWC)
+    # memory format: faster convolutions and pooling on CPU (README "Performance"), the same
+    # arithmetic summed in another order, so like ``threads`` it changes results at float32
+    # rounding level and stages that compute depend on it. Off by default: the committed
+    # results were computed without it.
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         check_ranges(self, at_least={"threads": 0})

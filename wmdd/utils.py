@@ -29,6 +29,27 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+# Whether wmdd.models.registry.create_model builds models in channels_last (NHWC) memory
+# format: benchmark.channels_last, set once per stage process (pipelines.common.open_stage),
+# like torch's thread count.
+_CHANNELS_LAST = False
+
+
+def set_channels_last(enabled: bool) -> None:
+    """Build every later model of this process in channels_last memory format (or not).
+
+    Inputs need no conversion: a convolution with channels_last weights computes and
+    returns channels_last. Results differ from the contiguous format at float32 rounding.
+    """
+    global _CHANNELS_LAST
+    _CHANNELS_LAST = bool(enabled)
+
+
+def channels_last() -> bool:
+    """Whether models are built in channels_last memory format (recorded on MLflow runs)."""
+    return _CHANNELS_LAST
+
+
 def derive_seed(*keys: Any) -> int:
     """A 63-bit seed derived deterministically from ``keys`` (base seed, names, indices...).
 

@@ -33,6 +33,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from wmdd.utils import channels_last
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -64,17 +66,22 @@ def create_model(
         resolution: input side length in pixels (ConvNets size their classifier from it).
         **kwargs: architecture options of that model.
 
+    The model's parameters are in the process's memory format
+    (:func:`wmdd.utils.set_channels_last`).
+
     Raises:
         ValueError: for an unknown name, listing the valid ones.
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
     try:
-        return _MODELS[name](
+        model = _MODELS[name](
             num_classes=num_classes, in_chans=in_chans, resolution=resolution, **kwargs
         )
     except TypeError as err:
         raise ValueError(f"model {name!r}: bad options {kwargs}: {err}") from None
+    layout = torch.channels_last if channels_last() else torch.contiguous_format
+    return model.to(memory_format=layout)  # type: ignore[call-overload]
 
 
 def _norm_layer(norm: str, channels: int) -> nn.Module:

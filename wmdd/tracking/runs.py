@@ -39,7 +39,7 @@ import torch
 
 from wmdd.tracking import lifecycle
 from wmdd.tracking.store import RetryingMlflow, ensure_experiment, retrying, tracking_uri
-from wmdd.utils import file_digest
+from wmdd.utils import channels_last, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,7 @@ def stage_run(
         "git_dirty": str(dirty).lower(),
         "device": device_description(device),
         "threads": str(torch.get_num_threads()),
+        "memory_format": "channels_last" if channels_last() else "contiguous",
         **lifecycle.process_tags(),
         **{f"version.{k}": v for k, v in package_versions().items()},
         **input_tags(inputs),
