@@ -217,10 +217,12 @@ def test_kd_loss_zero_iff_same_logits_and_fp16_targets() -> None:
 # -- student training --------------------------------------------------------------------
 
 
-def _train_soft(teacher, mode: str, *, seed: int = 11, label_dtype: str = "float16"):
+def _train_soft(
+    teacher, mode: str, *, seed: int = 11, label_dtype: str = "float16", precision: str = "fp32"
+):
     data = tiny_prepared(num_classes=K, per_class=5, channels=3, res=RES, seed=1)
     images = data.normalize(data.train_x)  # (20, 3, 16, 16)
-    cfg = _cfg(label_dtype=label_dtype, relabel_mode=mode, batch_size=8)
+    cfg = _cfg(label_dtype=label_dtype, relabel_mode=mode, batch_size=8, precision=precision)
     if mode == "stored":
         labels = StoredLabels.compute(teacher, images, cfg, seed=seed, progress=False)
     else:
@@ -238,9 +240,11 @@ def _train_soft(teacher, mode: str, *, seed: int = 11, label_dtype: str = "float
     return student, result
 
 
-def test_train_student_soft_stored_equals_online(teacher) -> None:
-    s_model, s_result = _train_soft(teacher, "stored")
-    o_model, o_result = _train_soft(teacher, "online")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_student_soft_stored_equals_online(teacher, precision: str) -> None:
+    """In every precision mode: the teacher's labels are float32 outputs either way."""
+    s_model, s_result = _train_soft(teacher, "stored", precision=precision)
+    o_model, o_result = _train_soft(teacher, "online", precision=precision)
     assert s_result == o_result
     s_sd, o_sd = s_model.state_dict(), o_model.state_dict()
     for k in s_sd:
@@ -398,3 +402,29 @@ def test_plan_decides_the_protocol_once() -> None:
     params = hard.mlflow_params()
     assert params["protocol.kind"] == "hard" and params["protocol.epochs"] == hard_cfg.epochs
     assert not any(k.startswith("protocol.soft") or "temperature" in k for k in params)
+
+
+def test_bf16_student_trains_differently_and_only_bf16_enters_the_protocol_hash(teacher) -> None:
+    from wmdd.config import ProtocolConfig
+    from wmdd.protocol.plan import protocol_hash
+
+    fp32_model, _ = _train_soft(teacher, "stored")
+    bf16_model, _ = _train_soft(teacher, "stored", precision="bf16")
+    w32, w16 = fp32_model.state_dict(), bf16_model.state_dict()
+    assert not torch.equal(w32["classifier.weight"], w16["classifier.weight"])  # autocast ran
+    assert w16["classifier.weight"].dtype == torch.float32  # float32 master weights
+    hashes = {
+        p: protocol_hash(
+            ProtocolConfig(kind="soft", soft=_cfg(precision=p)), eval_seeds=[0], base_seed=0
+        )  # fmt: skip
+        for p in ("fp32", "bf16")
+    }
+    assert hashes["fp32"] != hashes["bf16"]
+    # fp32 is the protocol as it was before the setting existed: the same hash
+    from wmdd.config import short_hash, to_dict
+
+    before = to_dict(_cfg())
+    del before["precision"]
+    assert hashes["fp32"] == short_hash(
+        {"kind": "soft", "settings": before, "eval_seeds": [0], "base_seed": 0}
+    )

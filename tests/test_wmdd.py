@@ -321,3 +321,19 @@ def test_config_parses_a_nested_params_section_strictly() -> None:
     assert config.lambda_bn == 10.0 and config.r_ce == 0.0
     with pytest.raises(ConfigError, match=r"methods\.wmdd\.synthesis: unknown key"):
         from_dict(WMDDConfig, {"synthesis": {"iters": 5}}, path="methods.wmdd")
+
+
+def test_bf16_synthesis_runs_under_autocast_with_float32_statistics() -> None:
+    z = torch.randn(20, 8, 4, 4, generator=torch.Generator().manual_seed(3)) + 2.0
+    mean32, var32 = grouped_channel_stats(z, 4)
+    mean16, var16 = grouped_channel_stats(z.bfloat16(), 4)
+    assert mean16.dtype == var16.dtype == torch.float32  # float32 accumulation of bf16 inputs
+    assert_close(mean16, mean32, rtol=2e-2, atol=2e-2)
+    assert_close(var16, var32, rtol=5e-2, atol=5e-2)
+    synthesis = SynthesisConfig(iterations=4, lr=0.1, batch_budget=4, **NO_AUG)
+    fp32 = _distill(config=WMDDConfig(synthesis=synthesis))
+    bf16 = _distill(config=WMDDConfig(synthesis=dataclasses.replace(synthesis, precision="bf16")))
+    assert bf16.images.dtype == torch.float32 and bool(torch.isfinite(bf16.images).all())
+    assert not torch.equal(bf16.images, fp32.images)  # autocast changed the numerics
+    final = [s.aux["synthesis"]["final_loss"] for s in (fp32, bf16)]
+    assert final[1] == pytest.approx(final[0], rel=0.1)

@@ -35,6 +35,12 @@ import yaml
 T = TypeVar("T")
 
 
+# Arithmetic precision of a training or synthesis loop: "fp32" (default, the published
+# numerics) or "bf16" (torch.autocast to bfloat16 around the model's forward and the loss;
+# opt-in, part of the method config or the protocol hash; README "Performance").
+Precision = Literal["fp32", "bf16"]
+
+
 class ConfigError(ValueError):
     """A parameter file does not match the expected schema."""
 
@@ -303,6 +309,10 @@ class SoftProtocolConfig:
     label_dtype: Literal["float16", "float32"] = "float16"  # soft-label precision (both modes)
     eval_interval: int = 1  # validate every this many epochs (and always at the last)
     eval_batch_size: int = 256  # batch size for validation
+    # The student's forward and loss in "fp32" (default) or under bfloat16 autocast ("bf16",
+    # opt-in). The teacher's soft labels are always float32 teacher outputs (both relabel
+    # modes), and validation runs in float32. Part of the protocol hash unless "fp32".
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -326,6 +336,7 @@ class HardProtocolConfig:
     weight_decay: float = 5e-4  # SGD weight decay
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"  # DSA on every batch ("" = none)
     eval_batch_size: int = 256  # batch size for validation
+    precision: Precision = "fp32"  # the student's forward and loss (as the soft protocol's)
 
     def __post_init__(self) -> None:
         check_ranges(

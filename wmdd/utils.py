@@ -35,6 +35,22 @@ def resolve_device(name: str = "auto") -> torch.device:
 _CHANNELS_LAST = False
 
 
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a loop's forward and loss run in (:data:`wmdd.config.Precision`): nothing
+    for ``"fp32"``; for ``"bf16"``
+    ``torch.autocast`` to bfloat16 on ``device`` (matrix products and convolutions in bf16,
+    reductions kept in float32 by autocast's policy).
+
+    Raises:
+        ValueError: on an unknown precision.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
+
+
 def set_channels_last(enabled: bool) -> None:
     """Build every later model of this process in channels_last memory format (or not).
 

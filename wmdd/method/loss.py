@@ -76,8 +76,9 @@ class _GroupMoments(torch.autograd.Function):
         n, c, h, w = z.shape
         per_group = n // groups
         count = per_group * h * w  # values per (group, channel)
-        sums = z.sum(dim=(2, 3)).reshape(groups, per_group, c).sum(dim=1)  # (G, C)
-        squares = torch.linalg.vector_norm(z, dim=(2, 3)).square()  # (N, C)
+        acc = torch.promote_types(z.dtype, torch.float32)  # float32 also for bf16 inputs
+        sums = z.sum(dim=(2, 3), dtype=acc).reshape(groups, per_group, c).sum(dim=1)  # (G, C)
+        squares = torch.linalg.vector_norm(z, dim=(2, 3), dtype=acc).square()  # (N, C)
         ctx.save_for_backward(z)
         ctx.per_group, ctx.count = per_group, count
         return sums / count, squares.reshape(groups, per_group, c).sum(dim=1) / count
@@ -88,7 +89,7 @@ class _GroupMoments(torch.autograd.Function):
         per_image = {"dim": 0, "repeats": ctx.per_group}
         g1 = (g_mean / ctx.count).repeat_interleave(**per_image)[:, :, None, None]  # (N, C, 1, 1)
         g2 = (g_square * (2.0 / ctx.count)).repeat_interleave(**per_image)[:, :, None, None]
-        return torch.addcmul(g1, z, g2), None  # g1 + z * g2, one pass over z
+        return torch.addcmul(g1, z, g2).to(z.dtype), None  # g1 + z * g2, one pass over z
 
 
 def grouped_channel_stats(z: Tensor, groups: int) -> tuple[Tensor, Tensor]:

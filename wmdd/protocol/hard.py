@@ -22,7 +22,7 @@ from wmdd.checkpoint import Checkpointer, loop_state, restore_loop
 from wmdd.config import HardProtocolConfig
 from wmdd.models.accuracy import Accuracy
 from wmdd.protocol.soft import student_result
-from wmdd.utils import generator
+from wmdd.utils import autocast, generator
 
 
 def train_student_hard(
@@ -62,7 +62,9 @@ def train_student_hard(
             x = images[idx]
             if dsa_cfg is not None:
                 x, _ = dsa(x, generator=gen, config=dsa_cfg, siamese=False)
-            loss = F.cross_entropy(student(x), labels[idx])
+            with autocast(cfg.precision, device):
+                logits = student(x)
+            loss = F.cross_entropy(logits.float(), labels[idx])
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"student (hard): non-finite loss at epoch {e}")
             opt.zero_grad(set_to_none=True)

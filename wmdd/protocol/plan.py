@@ -103,11 +103,18 @@ def student_seed(base_seed: int, profile: str, ipc: int, eval_seed: int) -> int:
 
 def protocol_hash(protocol: ProtocolConfig, *, eval_seeds, base_seed: int) -> str:
     """Short hash of everything that defines the protocol of a profile: the selected
-    protocol's settings (student model included), the eval seeds and the base seed."""
+    protocol's settings (student model included), the eval seeds and the base seed.
+
+    ``precision`` enters only when it is not ``"fp32"``: float32 is the protocol as it was
+    before the setting existed, so those rows keep their hash, and a reduced-precision row
+    never shares one with them."""
+    settings = to_dict(protocol.selected())
+    if settings.get("precision") == "fp32":
+        del settings["precision"]
     return short_hash(
         {
             "kind": protocol.kind,
-            "settings": to_dict(protocol.selected()),
+            "settings": settings,
             "eval_seeds": list(eval_seeds),
             "base_seed": base_seed,
         }

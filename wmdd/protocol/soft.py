@@ -51,7 +51,7 @@ from wmdd.config import SoftProtocolConfig
 from wmdd.distributed import Ranks, data_parallel
 from wmdd.models.accuracy import Accuracy
 from wmdd.models.optim import weight_decay_groups
-from wmdd.utils import cosine_factor, generator, load_artifact
+from wmdd.utils import autocast, cosine_factor, generator, load_artifact
 
 
 @dataclass(frozen=True)
@@ -294,7 +294,9 @@ def train_student_soft(
             if ranks is not None:  # this rank's part of the protocol's batch
                 part, scale = ranks.part(len(views)), ranks.scale(len(views))
                 views, targets = views[part], targets[part]
-            loss = kd_loss(model(views), targets, cfg.temperature, cfg.t2_factor)
+            with autocast(cfg.precision, device):  # the student only: targets are made
+                logits = model(views)
+            loss = kd_loss(logits.float(), targets, cfg.temperature, cfg.t2_factor)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"student: non-finite loss at epoch {e}")
             opt.zero_grad(set_to_none=True)

@@ -150,7 +150,8 @@ def batch_channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     if x.ndim != 4:
         raise ValueError(f"expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)  # (C,), (C,)
+    # in float32 also for bfloat16 activations (synthesis precision "bf16"); no copy otherwise
+    var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)  # (C,), (C,)
     return mean, var
 
 

@@ -59,10 +59,10 @@ from tqdm.auto import tqdm
 
 from wmdd.augment.views import random_roll, resized_crops, sample_crop_boxes, sample_flips
 from wmdd.checkpoint import Checkpointer
-from wmdd.config import check_ranges
+from wmdd.config import Precision, check_ranges
 from wmdd.data.prepared import TrainingImages
 from wmdd.synthetic_set import final_loss_stats, jpeg_roundtrip
-from wmdd.utils import cosine_factor, generator
+from wmdd.utils import autocast, cosine_factor, generator
 
 __all__ = [
     "LossFn",
@@ -95,6 +95,9 @@ class SynthesisConfig:
     jitter: tuple[int, int] = (0, 32)  # roll range (lo, hi), px; see default_jitter()
     init: Literal["noise", "real"] = "noise"  # N(0, 1) in normalised space, or a real image
     jpeg_quality: int = 0  # 0 = lossless (default); 75 = the official code's JPEG round trip
+    # "fp32" (default, published numerics) or "bf16": the teacher forward and the loss under
+    # bfloat16 autocast (opt-in; faster where the CPU has AVX512-BF16; README "Performance")
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -371,7 +374,9 @@ def _optimise_batch(
     for t in range(first, cfg.iterations):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cosine_factor(t, cfg.iterations)
-        loss, components = loss_fn(batch_views(x, cfg, gen), batch)
+        views = batch_views(x, cfg, gen)  # float32 views; the teacher and loss under autocast
+        with autocast(cfg.precision, device):
+            loss, components = loss_fn(views, batch)
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(
                 f"non-finite synthesis loss {float(loss.detach())} at iteration {t} of batch "
