@@ -20,6 +20,11 @@ In ONE process, with ``--threads`` torch threads (default 1, the pipeline's), si
   ``--stats-classes`` classes, with the one pass's share of one distill stage at
   ``--full-iterations`` iterations and what a distill stage spends loading the shared file.
 
+* with ``--modes``: a WMDD iteration, a soft-protocol student step and DM's embedder on its
+  real images, in float32 and under bf16 autocast, each in contiguous and channels_last
+  memory format (``synthesis.precision``, the protocol's ``precision``,
+  ``benchmark.channels_last``), with the speed-up over fp32 contiguous.
+
 Times are medians over repeats, after one warm-up. Run it alone on the machine; it prints
 the load average, torch's version and threads. Output: a Markdown table (README,
 "Performance").
@@ -92,6 +97,68 @@ def two_passes(teacher: nn.Module, data, classes: range, batch_size: int) -> Non
                            batch_size=batch_size, progress=False)  # fmt: skip
 
 
+def mode_table(args, params, data, teacher, config, group, batch) -> list[tuple]:
+    """Per (precision, memory format): a WMDD iteration, a soft-protocol student step
+    (forward, KD loss, backward, AdamW step on one batch of views) and DM's embedder on its
+    real images (forward, no gradient), each a median, as in the pipeline's stages."""
+    from baselines.dm import make_embedder
+    from pipelines.registry import method_config as config_of
+    from wmdd.protocol.runner import build_student
+    from wmdd.protocol.soft import kd_loss
+    from wmdd.utils import autocast, set_channels_last
+
+    soft = params.profile(args.dataset).protocol.soft
+    dm = config_of(params, "dm", args.dataset)
+    views = torch.randn(soft.batch_size, data.channels, data.resolution, data.resolution)
+    targets = torch.randn(soft.batch_size, data.num_classes)
+    real = torch.randn(dm.real_per_class, data.channels, data.resolution, data.resolution)
+    stats = compute_teacher_stats(teacher, data, group, device=CPU, progress=False)
+    out = []
+    for precision in ("fp32", "bf16"):
+        for nhwc in (False, True):
+            set_channels_last(nhwc)
+            try:
+                layout = torch.channels_last if nhwc else torch.contiguous_format
+                model = teacher.to(memory_format=layout)  # type: ignore[call-overload]
+                synthesis = dataclasses.replace(
+                    config.synthesis, iterations=args.iterations, precision=precision
+                )
+                cfg = dataclasses.replace(config, synthesis=synthesis)
+                run = dict(teacher=model, data=data, classes=group, ipc=args.ipc, seed=0,
+                           device=CPU, progress=False, teacher_stats=stats, config=cfg)  # fmt: skip
+                wmdd_distill(**run)  # type: ignore[arg-type]
+                iteration = statistics.median(
+                    wmdd_distill(**run).aux["timings"]["optimise"] / args.iterations  # type: ignore[arg-type]
+                    for _ in range(args.repeats)
+                )
+                student = build_student(soft.student, num_classes=data.num_classes,
+                                        in_chans=data.channels, resolution=data.resolution, seed=0)  # fmt: skip
+                opt = torch.optim.AdamW(student.parameters(), lr=soft.lr)
+
+                def step(student=student, opt=opt, precision=precision) -> None:
+                    with autocast(precision, CPU):
+                        logits = student(views)
+                    loss = kd_loss(logits.float(), targets, soft.temperature, soft.t2_factor)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+
+                student_step = median_seconds(step, args.repeats)
+                net = make_embedder(data, dm, seed=0, iteration=0, device=CPU)
+
+                def embed(net=net, precision=precision) -> None:
+                    with torch.no_grad(), autocast(precision, CPU):
+                        net.forward_features(real)
+
+                dm_embed = median_seconds(embed, args.repeats)
+            finally:
+                set_channels_last(False)
+                teacher.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+            name = f"{precision}, {'channels_last' if nhwc else 'contiguous'}"
+            out.append((name, iteration, student_step, dm_embed))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="imagenette_cpu")
@@ -103,6 +170,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--random-teacher", action="store_true")
+    parser.add_argument("--modes", action="store_true",
+                        help="also fp32/bf16 x contiguous/channels_last (WMDD, student, DM)")  # fmt: skip
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -174,6 +243,8 @@ def main() -> None:
         load = median_seconds(lambda: TeacherStats.load(Path(tmp) / "s.pt"), args.repeats)
     load *= data.num_classes / len(classes)
 
+    modes = mode_table(args, params, data, teacher, config, group, batch) if args.modes else []
+
     rows = [
         ("floor: teacher fwd+bwd, one batch", floor, "1.00"),
         ("WMDD iteration (views, loss, Adam step)", iteration, f"{floor / iteration:.2f}"),
@@ -196,6 +267,13 @@ def main() -> None:
         f"({load / (load + distill):.2%} of it) and the one pass, shared by WMDD IPC 1 and 10 "
         f"and herding, is {stage_stats / (stage_stats + distill):.0%} of one such distill."
     )
+    if modes:
+        print("\n| mode | WMDD iteration s | student step s | DM embedder, real fwd s |")
+        print("|---|---:|---:|---:|")
+        base = modes[0][1:]
+        for name, *times in modes:
+            cells = [f"{t:.4f} ({b / t:.2f}x)" for t, b in zip(times, base, strict=True)]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"load average after {os.getloadavg()[0]:.2f}")
 
 

@@ -757,3 +757,11 @@ def test_report_stage_exits_cleanly_on_an_output_no_run_wrote(workspace: Path, m
     with pytest.raises(SystemExit) as exit_:
         run_main(report_main, [])
     assert exit_.value.code == 2
+
+
+def test_a_set_synthesised_in_bf16_is_its_own_row() -> None:
+    from wmdd.report.benchmark import _method_label
+
+    assert _method_label("wmdd", {"method.synthesis.precision": "fp32"}) == "wmdd"
+    assert _method_label("random", {}) == "random"  # no synthesis loop: float32
+    assert _method_label("wmdd", {"method.synthesis.precision": "bf16"}) == "wmdd (bf16)"

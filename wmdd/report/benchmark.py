@@ -245,6 +245,14 @@ def welch(a: Sequence[float], b: Sequence[float]) -> float:
     return float(p)
 
 
+def _method_label(method: str, distill_params: dict[str, str]) -> str:
+    """The method's row name: its registry name, marked ``(bf16)`` when its set was
+    synthesised under bf16 autocast (``synthesis.precision``), so a reduced-precision row is
+    never read, or compared, as the float32 method."""
+    precision = distill_params.get("method.synthesis.precision", "fp32")
+    return method if precision == "fp32" else f"{method} ({precision})"
+
+
 def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
     """One row per cell with the CSV columns (accuracies in percent)."""
     random_top1 = {(c.profile, c.ipc): c.per_seed_top1 for c in cells if c.method == "random"}
@@ -258,7 +266,7 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
                 "dataset": ev.tags.get("dataset_name", ""),
                 "profile": c.profile,
                 "budget": ev.tags["budget"],
-                "method": c.method,
+                "method": _method_label(c.method, di.params),
                 "ipc": c.ipc,
                 "protocol": ev.tags["protocol"],
                 "seeds": int(ev.metrics["n"]),
