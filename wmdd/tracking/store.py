@@ -85,6 +85,22 @@ def check_server(uri: str, timeout: float | None = None) -> None:
     )
 
 
+def _raise_if_refused_credentials(uri: str, err: Exception) -> None:
+    """A server that refuses the request for want of (valid) credentials: one line naming
+    the URI and the variables that carry them, before any work is done."""
+    text = str(err)
+    code = next((c for c in ("401", "403") if f"error code {c}" in text), None)
+    if code is None:
+        return
+    who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    given = f"as user {who!r}" if who else "without credentials"
+    raise TrackingError(
+        f"MLflow tracking server {uri} refused the request {given} (HTTP {code}): set "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account with write "
+        "access (docker/README.md, 'A team server')"
+    ) from None
+
+
 def ensure_experiment(uri: str, experiment: str) -> str:
     """The id of ``experiment`` in the store at ``uri``, creating store and experiment once.
 
@@ -100,7 +116,11 @@ def ensure_experiment(uri: str, experiment: str) -> str:
     lock = _file_lock(db.with_name(db.name + ".lock")) if db else contextlib.nullcontext()
     with lock:
         client = MlflowClient(tracking_uri=uri)
-        found = retrying(lambda: client.get_experiment_by_name(experiment))
+        try:
+            found = retrying(lambda: client.get_experiment_by_name(experiment))
+        except MlflowException as err:
+            _raise_if_refused_credentials(uri, err)
+            raise
         if found is not None:
             return found.experiment_id
         try:
