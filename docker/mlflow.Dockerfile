@@ -1,4 +1,5 @@
-# A small MLflow tracking server: SQLite backend store and served artefacts in /mlflow (a volume).
+# A small MLflow tracking server: SQLite backend store and served artefacts in /mlflow (a volume);
+# with docker-compose.team.yml, PostgreSQL and MLflow's basic-auth app (docker/README.md).
 #
 # Build from the repository root (for docker/certs/):
 #   docker build -f docker/mlflow.Dockerfile -t wmdd-mlflow .
@@ -34,8 +35,11 @@ RUN apt-get update \
 COPY docker/certs/ /usr/local/share/ca-certificates/wmdd-extra/
 RUN update-ca-certificates
 
+# The team server's drivers (pyproject.toml's `team` extra): PostgreSQL and the basic-auth app.
+ARG TEAM_REQUIREMENTS="psycopg2-binary==2.9.13 flask-wtf>=1.2"
+# hadolint ignore=SC2086
 RUN python3.11 -m venv /opt/venv \
-    && /opt/venv/bin/pip install "${MLFLOW_REQUIREMENT}"
+    && /opt/venv/bin/pip install "${MLFLOW_REQUIREMENT}" ${TEAM_REQUIREMENTS}
 ENV PATH=/opt/venv/bin:${PATH}
 
 RUN useradd --create-home --uid 1000 mlflow \
@@ -48,11 +52,15 @@ VOLUME ["/mlflow"]
 # Host headers the server accepts (DNS-rebinding protection): loopback on any port, and the
 # compose service name for a bridge network. MLFLOW_SERVER_HOST=127.0.0.1 keeps a host-network
 # server off the machine's other interfaces.
+# MLFLOW_BACKEND_STORE_URI: SQLite in the volume by default; the team profile sets PostgreSQL.
+# MLFLOW_APP_NAME=basic-auth turns on MLflow's authentication (MLFLOW_AUTH_CONFIG_PATH: its ini).
 ENV MLFLOW_SERVER_HOST=0.0.0.0 \
     MLFLOW_SERVER_PORT=5000 \
+    MLFLOW_BACKEND_STORE_URI=sqlite:////mlflow/mlflow.db \
+    MLFLOW_APP_NAME="" \
     MLFLOW_ALLOWED_HOSTS="localhost,localhost:*,127.0.0.1,127.0.0.1:*,mlflow,mlflow:*"
 
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=5 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['MLFLOW_SERVER_PORT'] + '/health', timeout=4)"]
 
-CMD ["sh", "-c", "exec mlflow server --backend-store-uri sqlite:////mlflow/mlflow.db --serve-artifacts --artifacts-destination /mlflow/artifacts --host \"$MLFLOW_SERVER_HOST\" --port \"$MLFLOW_SERVER_PORT\" --allowed-hosts \"$MLFLOW_ALLOWED_HOSTS\""]
+CMD ["sh", "-c", "exec mlflow server ${MLFLOW_APP_NAME:+--app-name \"$MLFLOW_APP_NAME\"} --backend-store-uri \"$MLFLOW_BACKEND_STORE_URI\" --serve-artifacts --artifacts-destination /mlflow/artifacts --host \"$MLFLOW_SERVER_HOST\" --port \"$MLFLOW_SERVER_PORT\" --allowed-hosts \"$MLFLOW_ALLOWED_HOSTS\""]

@@ -226,12 +226,23 @@ def test_images_run_as_non_root_from_an_overridable_base(dockerfile: Path) -> No
 # --- the MLflow server image ---------------------------------------------------------------
 
 
-def _server_command() -> list[str]:
+def _server_command(**extra_env: str) -> list[str]:
+    """The server's command line as the image's shell expands it (its ENV, plus ``extra_env``)."""
     cmd = json.loads(_args(MLFLOW_DOCKERFILE, "CMD")[-1])
-    assert cmd[:2] == ["sh", "-c"]
-    env = _env(MLFLOW_DOCKERFILE)
-    words = shlex.split(cmd[2])
-    return [re.sub(r"\$(\w+)", lambda m: env[m.group(1)], w) for w in words]
+    assert cmd[:2] == ["sh", "-c"] and cmd[2].startswith("exec mlflow server ")
+    env = {**_env(MLFLOW_DOCKERFILE), **extra_env, "PATH": os.environ["PATH"]}
+    script = cmd[2].replace("exec mlflow server ", "printf '%s\\n' exec mlflow server ", 1)
+    out = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()
+
+
+def test_mlflow_server_command_for_a_team() -> None:
+    """The team profile's settings reach the server: PostgreSQL and the basic-auth app."""
+    uri = "postgresql+psycopg2://mlflow:pw@127.0.0.1:5432/mlflow"
+    cmd = _server_command(MLFLOW_BACKEND_STORE_URI=uri, MLFLOW_APP_NAME="basic-auth")
+    assert cmd[cmd.index("--app-name") + 1] == "basic-auth"
+    assert cmd[cmd.index("--backend-store-uri") + 1] == uri
+    assert "--app-name" not in _server_command()  # no authentication unless asked
 
 
 def test_mlflow_image_installs_pyprojects_mlflow_range() -> None:
@@ -325,9 +336,10 @@ def test_hadolint_accepts_dockerfile(dockerfile: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_compose_file_matches_the_compose_spec() -> None:
+@pytest.mark.parametrize("name", ["docker-compose.yml", "docker-compose.team.yml"])
+def test_compose_file_matches_the_compose_spec(name: str) -> None:
     proc = subprocess.run(
-        [_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        [_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(DOCKER / name)],
         capture_output=True,
         text=True,
     )
@@ -348,3 +360,34 @@ def test_docker_compose_resolves_the_file() -> None:
     assert resolved["bench"]["environment"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
     assert resolved["bench"]["user"] == "1234:1234"
     assert resolved["bench"]["build"]["args"]["BASE_IMAGE"] == "python:3.11-slim-bookworm"
+
+
+TEAM = DOCKER / "docker-compose.team.yml"
+
+
+def test_team_profile_wires_postgres_auth_and_credentials() -> None:
+    team = yaml.safe_load(TEAM.read_text())
+    services = team["services"]
+    assert services["mlflow"]["environment"]["MLFLOW_APP_NAME"] == "basic-auth"
+    assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in services["postgres"]["volumes"])
+    assert "listen_addresses=127.0.0.1" in services["postgres"]["command"]
+    for name in ("postgres", "mlflow", "bench"):
+        assert services[name]["env_file"] == "team.env", name
+    example = dict(
+        line.split("=", 1)
+        for line in (DOCKER / "team.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    for key in ("POSTGRES_PASSWORD", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD"):  # fmt: skip
+        assert key in example, key
+
+
+def test_team_secrets_stay_out_of_git_and_images() -> None:
+    for path in ("docker/team.env", "docker/auth.ini"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+        assert ignored.returncode == 0, f"{path} is not ignored by git"
+        patterns = (ROOT / ".dockerignore").read_text().splitlines()
+        assert any(fnmatch.fnmatch(path, p) for p in patterns if p and not p.startswith("#")), path
