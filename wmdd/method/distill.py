@@ -92,16 +92,6 @@ def _repeat_rows(stats: BNStats, rows: int) -> BNStats:
     )
 
 
-def _bn_state(stats: BNStats) -> dict[str, Any]:
-    """BNStats as the plain dict :meth:`BNStats.save` writes (``BNStats(**state)`` rebuilds)."""
-    return {
-        "layer_names": list(stats.layer_names),
-        "mean": [m.detach().cpu() for m in stats.mean],
-        "var": [v.detach().cpu() for v in stats.var],
-        "pooling": stats.pooling,
-    }
-
-
 def _feature_targets(
     stats: TeacherStats | None,
     classes: range,
@@ -236,7 +226,7 @@ def wmdd_distill(
     timings["optimise"] = stats["optimise_seconds"]
     aux: dict[str, Any] = {
         "classes": torch.tensor(list(class_range)),
-        "bn_stats": _bn_state(bn_stats),
+        "bn_stats": bn_stats.state_dict(),
         "timings": timings,
         "synthesis": {k: v for k, v in stats.items() if k != "optimise_seconds"},
     }

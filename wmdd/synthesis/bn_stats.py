@@ -195,26 +195,33 @@ class BNStats:
             var=[v.to(device) for v in self.var],
         )
 
-    def save(self, path: str | Path) -> None:
-        """Save as a plain dict of tensors/strings with ``torch.save``."""
-        payload = {
+    def state_dict(self) -> dict[str, Any]:
+        """A plain dict of CPU tensors, lists and strings (loads with ``weights_only``)."""
+        return {
             "layer_names": list(self.layer_names),
             "mean": [m.detach().cpu() for m in self.mean],
             "var": [v.detach().cpu() for v in self.var],
             "pooling": self.pooling,
         }
-        torch.save(payload, Path(path))
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> BNStats:
+        """Rebuild from :meth:`state_dict`."""
+        return cls(
+            layer_names=tuple(state["layer_names"]),
+            mean=list(state["mean"]),
+            var=list(state["var"]),
+            pooling=str(state["pooling"]),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Save :meth:`state_dict` with ``torch.save``."""
+        torch.save(self.state_dict(), Path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> BNStats:
         """Load a file written by :meth:`save` (``torch.load(..., weights_only=True)``, CPU)."""
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-        return cls(
-            layer_names=tuple(payload["layer_names"]),
-            mean=list(payload["mean"]),
-            var=list(payload["var"]),
-            pooling=str(payload["pooling"]),
-        )
+        return cls.from_state(torch.load(Path(path), map_location="cpu", weights_only=True))
 
 
 class ExactPool:

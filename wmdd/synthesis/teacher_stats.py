@@ -136,7 +136,7 @@ class TeacherStats:
                 "classes": list(self.classes),
                 "counts": [len(f) for f in self.features],
                 "features": torch.cat(self.features),  # (N, D): one mappable tensor
-                "bn": {p: _bn_payload(s) for p, s in self.bn.items()},
+                "bn": {p: s.state_dict() for p, s in self.bn.items()},
                 "batch_size": self.batch_size,
                 "teacher_digest": self.teacher_digest,
             },
@@ -157,15 +157,7 @@ class TeacherStats:
             return cls(
                 classes=tuple(int(c) for c in payload["classes"]),
                 features=features,
-                bn={
-                    p: BNStats(
-                        layer_names=tuple(s["layer_names"]),
-                        mean=list(s["mean"]),
-                        var=list(s["var"]),
-                        pooling=str(s["pooling"]),
-                    )
-                    for p, s in payload["bn"].items()
-                },
+                bn={p: BNStats.from_state(s) for p, s in payload["bn"].items()},
                 batch_size=int(payload["batch_size"]),
                 teacher_digest=str(payload["teacher_digest"]),
             )
@@ -174,15 +166,6 @@ class TeacherStats:
                 f"{path}: not a valid teacher statistics file ({err}); re-create it with "
                 "`dvc repro --force` of its teacher_stats stage"
             ) from None
-
-
-def _bn_payload(stats: BNStats) -> dict[str, object]:
-    return {
-        "layer_names": list(stats.layer_names),
-        "mean": [m.detach().cpu() for m in stats.mean],
-        "var": [v.detach().cpu() for v in stats.var],
-        "pooling": stats.pooling,
-    }
 
 
 @torch.no_grad()
