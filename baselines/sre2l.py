@@ -44,7 +44,13 @@ from torch import Tensor, nn
 from wmdd.checkpoint import Checkpointer
 from wmdd.config import check_ranges
 from wmdd.data.prepared import TrainingImages
-from wmdd.synthesis.bn_stats import BNInputRecorder, BNStats, batch_channel_stats, global_bn_stats
+from wmdd.synthesis.bn_stats import (
+    BNInputRecorder,
+    RunningStats,
+    bn_layer_terms,
+    global_bn_stats,
+)
+from wmdd.synthesis.bn_stats import global_bn_loss as sre2l_bn_loss
 from wmdd.synthesis.loop import (
     SynthBatch,
     SynthesisConfig,
@@ -53,8 +59,15 @@ from wmdd.synthesis.loop import (
 )
 from wmdd.synthetic_set import SyntheticSet
 
-#: Running statistics: a 1-row :class:`BNStats` or ``(means, vars)``, one (C_l,) tensor per layer.
-RunningStats = BNStats | tuple[Sequence[Tensor], Sequence[Tensor]]
+__all__ = [
+    "RunningStats",
+    "SRe2LConfig",
+    "bn_layer_terms",
+    "class_group",
+    "sre2l",
+    "sre2l_bn_loss",
+    "sre2l_loss",
+]
 
 
 @dataclass(frozen=True)
@@ -72,62 +85,6 @@ class SRe2LConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, non_negative=("r_bn", "first_bn_multiplier"))
-
-
-def _running_lists(running: RunningStats) -> tuple[list[Tensor], list[Tensor]]:
-    """Per-layer (C_l,) running means and variances from either accepted form."""
-    if isinstance(running, BNStats):
-        if running.num_rows != 1:
-            raise ValueError(f"SRe2L needs global (1-row) BN stats, got {running.num_rows} rows")
-        return [m[0] for m in running.mean], [v[0] for v in running.var]
-    means, vars_ = running
-    return list(means), list(vars_)
-
-
-def bn_layer_terms(inputs: Sequence[Tensor], running: RunningStats) -> Tensor:
-    """Per-layer :math:`\\lVert \\mu_l(X) - \\mu^{run}_l \\rVert_2 + \\lVert \\sigma^2_l(X) -
-    \\sigma^{2,run}_l \\rVert_2`, statistics over the whole batch x H x W (biased variance).
-
-    Args:
-        inputs: Recorded BN inputs, one (b, C_l, H_l, W_l) tensor per layer.
-        running: Running statistics of the same layers, in the same order.
-
-    Returns:
-        (L,) tensor of the unweighted per-layer terms (differentiable w.r.t. ``inputs``).
-    """
-    means, vars_ = _running_lists(running)
-    if not len(inputs) == len(means) == len(vars_):
-        raise ValueError(f"{len(inputs)} BN inputs but running stats for {len(means)} layers")
-    terms = []
-    for z, mu_run, var_run in zip(inputs, means, vars_, strict=True):
-        mu, var = batch_channel_stats(z)  # (C_l,), (C_l,)
-        mu_run, var_run = mu_run.to(mu), var_run.to(var)
-        terms.append(
-            torch.linalg.vector_norm(mu - mu_run) + torch.linalg.vector_norm(var - var_run)
-        )
-    return torch.stack(terms)  # (L,)
-
-
-def sre2l_bn_loss(
-    inputs: Sequence[Tensor], running: RunningStats, first_multiplier: float = 10.0
-) -> Tensor:
-    """:math:`\\sum_l m_l (\\lVert \\mu_l(X) - \\mu^{run}_l \\rVert_2 + \\lVert \\sigma^2_l(X) -
-    \\sigma^{2,run}_l \\rVert_2)` with :math:`m_1` = ``first_multiplier``, :math:`m_{l>1} = 1`.
-
-    Args:
-        inputs: Recorded BN inputs, one (b, C_l, H_l, W_l) tensor per layer, in
-            ``model.modules()`` order (the first is the first BN layer).
-        running: The teacher's running statistics of the same layers (see
-            :func:`wmdd.synthesis.bn_stats.global_bn_stats`), or ``(means, vars)`` lists of (C_l,).
-        first_multiplier: :math:`m_1`.
-
-    Returns:
-        Scalar loss (unweighted by r_bn).
-    """
-    terms = bn_layer_terms(inputs, running)  # (L,)
-    weights = torch.ones_like(terms)
-    weights[0] = first_multiplier
-    return (weights * terms).sum()
 
 
 def sre2l_loss(

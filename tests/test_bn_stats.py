@@ -102,13 +102,17 @@ def test_exact_pooling_matches_full_class_stats(net: TinyNet) -> None:
 
 
 def _batch_mean_reference(net: TinyNet, x: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-    """Official-code pooling by hand: unweighted mean over batches of per-batch stats."""
-    means, vars_ = [], []
+    """Official-code pooling by hand: per-batch stats averaged with each batch weighted by
+    its number of images (the official loop accumulates ``stat * batch_size`` and divides by
+    the class's image count)."""
+    means, vars_, sizes = [], [], []
     for start in range(0, len(x), BATCH):
         z = net.bn_inputs(x[start : start + BATCH])[layer]
         means.append(z.mean((0, 2, 3)))
         vars_.append(z.var((0, 2, 3), unbiased=False))
-    return torch.stack(means).mean(0), torch.stack(vars_).mean(0)
+        sizes.append(len(z))
+    w = torch.tensor(sizes, dtype=torch.float32)[:, None] / sum(sizes)  # (batches, 1)
+    return (torch.stack(means) * w).sum(0), (torch.stack(vars_) * w).sum(0)
 
 
 def test_batch_mean_pooling_reproduces_official_and_underestimates(net: TinyNet) -> None:
@@ -124,6 +128,17 @@ def test_batch_mean_pooling_reproduces_official_and_underestimates(net: TinyNet)
                 want_mean, want_var = _batch_mean_reference(net, x, layer)
                 torch.testing.assert_close(official.mean[layer][c], want_mean)
                 torch.testing.assert_close(official.var[layer][c], want_var)
+    # Size weighting, not one vote per batch: class 2's 5 images come as batches of 4 and 1,
+    # so its mean is the exact class mean (an unweighted average of the two batch means is not).
+    with torch.no_grad():
+        x = images[labels == 2]
+        for layer in range(3):
+            z = net.bn_inputs(x)[layer]
+            torch.testing.assert_close(official.mean[layer][2], z.mean((0, 2, 3)))
+            assert not torch.allclose(
+                official.mean[layer][2],
+                torch.stack([z[:4].mean((0, 2, 3)), z[4:].mean((0, 2, 3))]).mean(0),
+            )
     # Class 1 has 3 full batches: by the law of total variance, the official average of
     # within-batch variances misses exactly the spread of the batch means (an underestimate).
     with torch.no_grad():

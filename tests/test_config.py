@@ -377,3 +377,55 @@ def test_flatten() -> None:
         "data.url": "",
         "data.download_dir": "data/downloads",
     }
+
+
+# --- The shipped settings: consistency rules the review found broken (issue 13) -----------
+
+
+def test_no_profile_synthesises_or_relabels_on_crops_smaller_than_its_teacher_saw() -> None:
+    """One crop policy per profile: the synthesis views (WMDD, SRe2L) and the relabel views
+    are never smaller than the teacher's training crops (imagenette_cpu trained at (0.25, 1)
+    but synthesised and relabelled at (0.08, 1): a fifth of the views were out of range)."""
+    params = load_params(PARAMS)
+    for profile_name, profile in params.datasets.items():
+        floor = profile.teacher.crop_scale[0]
+        views = {"protocol.soft": profile.protocol.soft.crop_scale} if profile.protocol.soft else {}
+        for method in ("wmdd", "sre2l"):
+            views[f"methods.{method}"] = method_config(
+                params, method, profile_name
+            ).synthesis.crop_scale
+        for where, scale in views.items():
+            assert scale[0] >= floor, (
+                f"{profile_name}: {where}.crop_scale {scale} goes below the teacher's {floor}"
+            )
+
+
+@pytest.mark.parametrize("method", ["dm", "dm_teacher", "wmdd", "sre2l"])
+def test_every_method_with_a_budget_has_each_profiles_recipe(method: str) -> None:
+    """A method whose settings depend on the dataset has an override for every profile
+    except the embedded default (dm_teacher had none: every profile ran the digits recipe)."""
+    params = load_params(PARAMS)
+    overrides = params.methods[method].get("overrides") or {}
+    missing = sorted(set(params.datasets) - {"digits"} - set(overrides))
+    assert not missing, f"methods.{method}.overrides lacks {missing}"
+
+
+def test_dm_teacher_follows_dms_recipe_per_profile() -> None:
+    params = load_params(PARAMS)
+    for profile in params.datasets:
+        dm, dmt = method_config(params, "dm", profile), method_config(params, "dm_teacher", profile)
+        for key in ("iterations", "real_per_class", "classes_per_iteration", "large_ipc"):
+            assert getattr(dmt, key) == getattr(dm, key), (profile, key)
+        assert dmt.dsa_config == dm.dsa_config, profile
+
+
+def test_dms_large_ipc_learning_rate_only_for_cifar10() -> None:
+    """The official code raises DM's pixel lr to 10 at IPC >= 100 for CIFAR-10 only."""
+    from baselines.dm import pixel_lr
+
+    params = load_params(PARAMS)
+    for profile_name, profile in params.datasets.items():
+        config = method_config(params, "dm", profile_name)
+        want = 10.0 if profile.data.name == "cifar10" else 1.0
+        assert pixel_lr(config, 100) == want, profile_name
+        assert pixel_lr(config, 50) == 1.0, profile_name

@@ -185,3 +185,31 @@ def test_ipc_larger_than_class_is_rejected() -> None:
             seed=0,
             device=CPU,
         )
+
+
+def test_instance_norm_makes_dm_grow_its_images_and_renorm_holds_their_scale() -> None:
+    """DM's embedder normalises each image, so its gradient is nearly orthogonal to the image
+    and every step grows the image's norm (the IPC-1 drift of the report); ``renorm`` puts
+    each image back to its initial norm after every step and still moves the images."""
+    data = tiny_prepared(res=8)
+    kwargs = dict(teacher=None, data=data, classes=range(4), ipc=1, seed=1, device=CPU)
+    init = dm_module.real_init(data, range(4), 1, seed=1, device=CPU)
+    config = _small_config(iterations=20, lr=10.0)
+    faithful = dm(config=config, **kwargs)
+    renormed = dm(config=_small_config(iterations=20, lr=10.0, renorm=True), **kwargs)
+
+    def norms(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).norm(dim=1)
+
+    assert bool((norms(faithful.images) > norms(init) * 1.05).all())
+    assert_close(norms(renormed.images), norms(init))
+    assert (renormed.images - init).abs().max() > 1e-2
+    assert renormed.aux["used"]["renorm"] and not faithful.aux["used"]["renorm"]
+
+
+def test_large_ipc_learning_rate_is_off_unless_configured() -> None:
+    from baselines.dm import pixel_lr
+
+    assert pixel_lr(DMConfig(), 100) == 1.0  # large_ipc 0: never
+    assert pixel_lr(DMConfig(large_ipc=100), 100) == 10.0
+    assert pixel_lr(DMConfig(large_ipc=100), 99) == 1.0

@@ -99,6 +99,20 @@ def test_stored_and_online_give_identical_views_and_targets(
         assert torch.equal(targets, teacher(views).to(dtype))
 
 
+@pytest.mark.parametrize("mode", ["stored", "online"])
+def test_relabelling_refuses_a_teacher_in_training_mode(mode: str) -> None:
+    calibration = torch.randn(16, 3, RES, RES, generator=torch.Generator().manual_seed(0))
+    teacher = tiny_teacher(K, 3, RES, width=4, calibrate=calibration).train()
+    running = [b.clone() for b in teacher.buffers()]
+    with pytest.raises(ValueError, match="teacher in eval mode"):
+        if mode == "stored":
+            StoredLabels.compute(teacher, _images(8), _cfg(), seed=0, progress=False)
+        else:
+            _epochs(OnlineLabels(teacher, _cfg(), seed=0), _images(8), 1)
+    # ... before a forward could overwrite the teacher's running statistics
+    assert all(torch.equal(a, b) for a, b in zip(running, teacher.buffers(), strict=True))
+
+
 def test_different_seed_gives_different_views(teacher) -> None:
     cfg = _cfg()
     images = _images(10)

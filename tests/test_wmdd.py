@@ -337,3 +337,57 @@ def test_bf16_synthesis_runs_under_autocast_with_float32_statistics() -> None:
     assert not torch.equal(bf16.images, fp32.images)  # autocast changed the numerics
     final = [s.aux["synthesis"]["final_loss"] for s in (fp32, bf16)]
     assert final[1] == pytest.approx(final[0], rel=0.1)
+
+
+def test_global_bn_target_is_the_official_bn_ablation() -> None:
+    """``bn_target="global"`` matches the statistics of the WHOLE batch, which holds one image
+    per class (SRe2L's layout), to the running statistics with the first BN layer weighted
+    10; before, each class's images were matched separately with every layer weighted 1."""
+    from wmdd.method.distill import class_group, synthesis_batches
+    from wmdd.method.loss import GLOBAL_FIRST_BN_MULTIPLIER
+    from wmdd.synthesis.bn_stats import global_bn_loss, global_bn_stats
+
+    config = _config(bn_target="global")
+    batches = synthesis_batches(range(NUM_CLASSES), 3, config, num_classes=NUM_CLASSES)
+    assert [b.classes.tolist() for b in batches] == [list(range(NUM_CLASSES))] * 3
+    assert [b.slots.tolist() for b in batches] == [[s] * NUM_CLASSES for s in range(3)]
+    assert class_group(config, 3) == config.synthesis.batch_budget
+    teacher = _teacher()
+    running = global_bn_stats(teacher)
+    targets = WMDDTargets(
+        first_class=0,
+        bn=running,
+        barycenters=torch.randn(NUM_CLASSES, 3, 16, generator=torch.Generator().manual_seed(1)),
+    )
+    x = torch.randn(NUM_CLASSES, 1, RES, RES, generator=torch.Generator().manual_seed(2))
+    with BNInputRecorder(teacher) as recorder:
+        features, logits, inputs = teacher_forward(teacher, recorder, x)
+        _, parts = wmdd_loss(features, logits, inputs, batches[1], targets=targets, config=config)
+        want = global_bn_loss(inputs, running, GLOBAL_FIRST_BN_MULTIPLIER)
+    assert GLOBAL_FIRST_BN_MULTIPLIER == 10.0
+    assert parts["bn"] == pytest.approx(float(want), rel=1e-6)
+    out = _distill(ipc=2, config=config)
+    assert BNStats(**out.aux["bn_stats"]).num_rows == 1
+
+
+def test_weighted_barycenter_weights_reach_the_set_and_the_kd_loss() -> None:
+    """The optimised barycenter weights are the images' KD weights (``k * w``, mean 1), as in
+    the official code; before, they were computed and dropped."""
+    from wmdd.protocol.soft import kd_loss
+
+    plain = _distill(ipc=3)
+    assert plain.weights is None
+    out = _distill(ipc=3, config=_config(weighted_barycenter=True))
+    mass = out.aux["barycenter_weights"]  # (C, k)
+    assert mass.shape == (NUM_CLASSES, 3)
+    assert_close(mass.sum(dim=1), torch.ones(NUM_CLASSES))
+    assert out.weights is not None and out.weights.shape == (NUM_CLASSES * 3,)
+    assert_close(out.weights, 3 * mass.flatten())  # ordered by (class, slot)
+    # The soft protocol's loss: each view's KL times its image's weight; weights of 1 give
+    # the unweighted loss.
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    w = torch.tensor([0.5, 1.5, 1.0, 2.0, 0.0, 1.0])
+    per_view = torch.stack([kd_loss(s[i : i + 1], t[i : i + 1], 4.0) for i in range(6)])
+    assert_close(kd_loss(s, t, 4.0, weights=w), (w * per_view).mean())
+    assert_close(kd_loss(s, t, 4.0, weights=torch.ones(6)), kd_loss(s, t, 4.0))

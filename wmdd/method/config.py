@@ -20,7 +20,9 @@ class WMDDConfig:
     r_ce: float = 0.0  # extra CE weight (0 in every published run; official script default 1)
     squared: bool = False  # square the feature and BN norms (paper's figure); official: False
     bn_pooling: Literal["exact", "batch_mean"] = "exact"  # exact pooled stats vs official mean
-    weighted_barycenter: bool = False  # optimise barycenter weights too (paper: slightly worse)
+    # Optimise the barycenter weights too (paper: slightly worse); they weight each image's
+    # KD loss in the soft protocol, as in the official code.
+    weighted_barycenter: bool = False
 
     def __post_init__(self) -> None:
         check_ranges(self, non_negative=("lambda_bn", "r_ce"))

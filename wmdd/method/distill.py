@@ -40,6 +40,10 @@ Options and departures (the official code, github Liu-Hy/WMDD, produced the publ
   which underestimates it.
 * Storage is lossless by default (``synthesis.jpeg_quality=75`` reproduces the official JPEG).
 * The last iterate is kept (as in the official code).
+* ``weighted_barycenter=True`` (optional, off in the released configuration) also optimises
+  the barycenter weights; as in the official code they then weight the KD loss per image:
+  image m of class c carries ``k * w_{c,m}`` (:func:`image_weights`, mean 1), stored as the
+  set's ``weights`` and applied by the soft-label protocol.
 * The barycenters and BN statistics are returned in ``aux`` and versioned with the set, so they
   depend on the teacher checkpoint (the official cache key ignored the teacher).
 
@@ -49,7 +53,12 @@ term with weight 1 replaces the feature term, ``"mmd"``: match class-mean featur
 over the batch's classes, i.e. the Wasserstein term with each class's k points replaced by its
 mean (ONE Frobenius norm, so at IPC 1 it equals the Wasserstein term; ``squared`` gives the sum
 over classes of squared distances, DM's form)} x ``bn_target`` in {``"per_class"``,
-``"global"``: the teacher's running statistics as the target of every class}.
+``"global"``: the official code's "BN" ablation, i.e. SRe2L's BN term: batches of ONE image
+of each of up to ``batch_budget`` classes (:func:`wmdd.synthesis.loop.slot_batches`), the
+statistics of the whole mixed batch matched to the teacher's running statistics, first BN
+layer weighted 10 (:data:`wmdd.method.loss.GLOBAL_FIRST_BN_MULTIPLIER`); so ``ce`` x
+``global`` with ``lambda_bn`` = r_bn is SRe2L}. With ``mmd`` and ``global`` each batch holds
+one image per class, so the class-mean term compares single images with the class mean.
 
 Sharding: BN targets and barycenters are per class and every random draw is keyed by class /
 slot / batch, so ``classes=range(a, b)`` aligned to the :func:`class_batches` groups returns
@@ -67,12 +76,14 @@ from torch import Tensor, nn
 
 from wmdd.checkpoint import Checkpointer
 from wmdd.data.prepared import TrainingImages
-from wmdd.method.barycenter import class_barycenters, stack_supports
+from wmdd.method.barycenter import Barycenter, class_barycenters, stack_supports
 from wmdd.method.config import WMDDConfig
 from wmdd.method.loss import WMDDTargets, teacher_forward, wmdd_loss
 from wmdd.synthesis.bn_stats import BNInputRecorder, BNStats, global_bn_stats
 from wmdd.synthesis.loop import (
+    SynthBatch,
     class_batches,
+    slot_batches,
     synthesize_dataset,
 )
 from wmdd.synthesis.teacher_stats import TeacherStats, teacher_stats_for
@@ -80,16 +91,6 @@ from wmdd.synthetic_set import SyntheticSet
 from wmdd.utils import derive_seed
 
 __all__ = ["WMDDConfig", "wmdd_distill"]
-
-
-def _repeat_rows(stats: BNStats, rows: int) -> BNStats:
-    """Global (1-row) statistics repeated as the target of every one of ``rows`` classes."""
-    return BNStats(
-        layer_names=stats.layer_names,
-        mean=[m.expand(rows, -1) for m in stats.mean],
-        var=[v.expand(rows, -1) for v in stats.var],
-        pooling=stats.pooling,
-    )
 
 
 def _feature_targets(
@@ -100,8 +101,8 @@ def _feature_targets(
     config: WMDDConfig,
     seed: int,
     progress: bool,
-) -> tuple[Tensor | None, Tensor | None, float]:
-    """Barycenters (C_range, k, D) or class means (C_range, D) as the feature loss needs,
+) -> tuple[list[Barycenter] | None, Tensor | None, float]:
+    """Barycenters (one per class) or class means (C_range, D) as the feature loss needs,
     and the barycenters' seconds."""
     if config.feature_loss == "ce":
         return None, None, 0.0
@@ -117,7 +118,7 @@ def _feature_targets(
         weighted=config.weighted_barycenter,
         progress=progress,
     )
-    return stack_supports(bary), None, time.perf_counter() - start  # (C_range, k, D)
+    return bary, None, time.perf_counter() - start
 
 
 def _bn_targets(
@@ -148,9 +149,24 @@ def _check_inputs(
 
 
 def class_group(config: WMDDConfig, ipc: int) -> int:
-    """Classes per synthesis batch (:func:`class_batches`): a class-range shard must start
-    on a multiple of it to reproduce a single run's batches."""
+    """Classes per synthesis batch (:func:`class_batches`, or :func:`slot_batches` for
+    ``bn_target="global"``): a class-range shard must start on a multiple of it to reproduce
+    a single run's batches."""
+    if config.bn_target == "global":
+        return config.synthesis.batch_budget
     return max(1, config.synthesis.batch_budget // ipc)
+
+
+def synthesis_batches(
+    classes: Sequence[int], ipc: int, config: WMDDConfig, *, num_classes: int
+) -> list[SynthBatch]:
+    """WMDD's batches: all k images of up to ``batch_budget // k`` classes each (per-class
+    BN targets need a class's images together); for ``bn_target="global"`` the official BN
+    ablation's SRe2L layout, one image of each of up to ``batch_budget`` classes."""
+    budget = config.synthesis.batch_budget
+    if config.bn_target == "global":
+        return slot_batches(classes, ipc, budget, num_classes=num_classes)
+    return class_batches(classes, ipc, budget, num_classes=num_classes)
 
 
 def wmdd_distill(
@@ -190,8 +206,9 @@ def wmdd_distill(
     """
     _check_inputs(teacher, data, classes, ipc, config)
     scfg = config.synthesis
-    batches = class_batches(classes, ipc, scfg.batch_budget, num_classes=data.num_classes)
-    class_range = range(int(batches[0].classes[0]), int(batches[-1].classes[-1]) + 1)
+    batches = synthesis_batches(classes, ipc, config, num_classes=data.num_classes)
+    first = min(int(b.classes.min()) for b in batches)
+    class_range = range(first, max(int(b.classes.max()) for b in batches) + 1)
     start = time.perf_counter()
     real = None  # the teacher's view of the real images, when the loss uses it
     if _needs_teacher_stats(config):
@@ -199,14 +216,14 @@ def wmdd_distill(
             teacher_stats, teacher, data, class_range, device=device, progress=progress
         )
     timings = {"teacher_stats": 0.0 if teacher_stats is not None else time.perf_counter() - start}
-    bary, means, timings["barycenters"] = _feature_targets(
+    barycenters, means, timings["barycenters"] = _feature_targets(
         real, class_range, ipc, config=config, seed=seed, progress=progress
     )
+    bary = None if barycenters is None else stack_supports(barycenters)  # (C_range, k, D)
     bn_stats = _bn_targets(real, teacher, class_range, config)
-    bn_rows = _repeat_rows(bn_stats, len(class_range)) if config.bn_target == "global" else bn_stats
     targets = WMDDTargets(
         first_class=class_range.start,
-        bn=bn_rows.to(device),
+        bn=bn_stats.to(device),
         barycenters=None if bary is None else bary.to(device),
         class_means=None if means is None else means.to(device),
     )
@@ -230,8 +247,22 @@ def wmdd_distill(
         "timings": timings,
         "synthesis": {k: v for k, v in stats.items() if k != "optimise_seconds"},
     }
+    weights = None
     if bary is not None:
         aux["barycenters"] = bary
+        if config.weighted_barycenter:  # image m of class c carries its point's mass
+            assert barycenters is not None
+            mass = torch.stack([b.weights for b in barycenters])  # (C_range, k), rows sum to 1
+            aux["barycenter_weights"] = mass
+            weights = image_weights(mass, labels, class_range.start)
     if means is not None:
         aux["class_means"] = means
-    return SyntheticSet(images=images, labels=labels, aux=aux)
+    return SyntheticSet(images=images, labels=labels, weights=weights, aux=aux)
+
+
+def image_weights(mass: Tensor, labels: Tensor, first_class: int) -> Tensor:
+    """Per-image KD weights of a set ordered by (class, slot): ``k * mass[c, m]`` for image
+    m of class c, so uniform barycenter weights give 1 (the unweighted protocol)."""
+    k = mass.shape[1]
+    slots = torch.arange(len(labels)) % k  # (N,): the set is ordered by (class, slot)
+    return k * mass[labels - first_class, slots]  # (N,)

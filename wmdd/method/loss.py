@@ -21,16 +21,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wmdd.method.config import WMDDConfig
-from wmdd.synthesis.bn_stats import BNInputRecorder, BNStats
+from wmdd.synthesis.bn_stats import BNInputRecorder, BNStats, global_bn_loss
 from wmdd.synthesis.loop import SynthBatch
 
 __all__ = [
+    "GLOBAL_FIRST_BN_MULTIPLIER",
     "WMDDTargets",
     "bn_matching_loss",
     "grouped_channel_stats",
     "teacher_forward",
     "wmdd_loss",
 ]
+
+
+# The first BN layer's weight in the ``bn_target="global"`` ablation (the official code's, as
+# in SRe2L); per-class BN matching weighs every layer 1.
+GLOBAL_FIRST_BN_MULTIPLIER = 10.0
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class WMDDTargets:
     """
 
     first_class: int  # global index of row 0
-    bn: BNStats  # per layer (C_range, C_l) mean/var (global stats repeated per class)
+    bn: BNStats  # per layer (C_range, C_l) mean/var; (1, C_l) running stats for bn_target=global
     barycenters: Tensor | None = None  # (C_range, k, D), for feature_loss="wasserstein"
     class_means: Tensor | None = None  # (C_range, D), for feature_loss="mmd"
 
@@ -200,8 +206,11 @@ def wmdd_loss(
         ``(loss, {"feature", "bn", "ce", "total"})``; "ce" is the r_ce term's CE (0 when off).
     """
     feature = _feature_term(features, logits, batch, targets, config)
-    rows = batch.classes - targets.first_class  # (b,)
-    bn = bn_matching_loss(bn_inputs, targets.bn, rows, squared=config.squared)
+    if config.bn_target == "global":  # the official "BN" ablation: SRe2L's BN term
+        bn = global_bn_loss(bn_inputs, targets.bn, GLOBAL_FIRST_BN_MULTIPLIER)
+    else:
+        rows = batch.classes - targets.first_class  # (b,)
+        bn = bn_matching_loss(bn_inputs, targets.bn, rows, squared=config.squared)
     loss = feature + config.lambda_bn * bn
     ce = features.new_zeros(())
     if config.r_ce > 0:

@@ -108,6 +108,7 @@ def evaluate_seed(
         on_epoch=on_epoch,
         checkpoint=checkpoint,
         ranks=ranks,
+        weights=synthetic.weights,
     )
 
 

@@ -103,7 +103,16 @@ def _dtype(name: str) -> torch.dtype:
 
 @torch.no_grad()
 def teacher_logits(teacher: nn.Module, views: Tensor, dtype: torch.dtype) -> Tensor:
-    """Soft labels: the teacher's logits, rounded to the storage dtype. (b, K)."""
+    """Soft labels: the teacher's logits, rounded to the storage dtype. (b, K).
+
+    Raises ValueError on a teacher in training mode: its BatchNorm would label each view
+    with the batch's own statistics (labels then depend on the batch's other views) and
+    overwrite its running statistics, so stored and online labels would disagree."""
+    if teacher.training:
+        raise ValueError(
+            "relabelling needs the teacher in eval mode (BatchNorm on its running statistics): "
+            "call teacher.eval() first"
+        )
     return teacher(views).to(dtype)
 
 
@@ -115,10 +124,17 @@ class OnlineLabels:
 
     def epoch(self, epoch: int, images: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         """Yields ``(views, targets)`` for every batch of ``epoch``."""
+        for views, targets, _ in self.batches(epoch, images):
+            yield views, targets
+
+    def batches(self, epoch: int, images: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Yields ``(views, targets, indices)``: :meth:`epoch` with each batch's images'
+        indices into the set (per-image weights follow them)."""
         res = images.shape[-1]
         for plan in plan_epoch(len(images), res, self.cfg, seed=self.seed, epoch=epoch):
             views = make_views(images, plan)
-            yield views, teacher_logits(self.teacher, views, _dtype(self.cfg.label_dtype))
+            targets = teacher_logits(self.teacher, views, _dtype(self.cfg.label_dtype))
+            yield views, targets, plan.indices
 
 
 @dataclass
@@ -201,8 +217,14 @@ class StoredLabels:
 
     def epoch(self, epoch: int, images: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         """Yields the replayed ``(views, targets)`` for every batch of ``epoch``."""
+        for views, targets, _ in self.batches(epoch, images):
+            yield views, targets
+
+    def batches(self, epoch: int, images: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Yields ``(views, targets, indices)``: :meth:`epoch` with each batch's images'
+        indices into the set."""
         for plan, logits in self.plans(epoch):
-            yield make_views(images, plan), logits.to(images.device)
+            yield make_views(images, plan), logits.to(images.device), plan.indices
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -226,15 +248,22 @@ class StoredLabels:
 
 
 def kd_loss(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float, t2_factor: bool = False
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    t2_factor: bool = False,
+    weights: Tensor | None = None,
 ) -> Tensor:
-    """``KL(softmax(t/T) || softmax(s/T))`` summed over classes, mean over the batch."""
-    loss = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=1),
-        F.log_softmax(teacher_logits.float() / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
+    """``KL(softmax(t/T) || softmax(s/T))`` summed over classes, mean over the batch; with
+    ``weights`` (b,), each view's KL times its weight before the mean (WMDD's weighted
+    barycenter variant; ``None`` is the unweighted loss, computed as before)."""
+    student_log = F.log_softmax(student_logits / temperature, dim=1)
+    teacher_log = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    if weights is None:
+        loss = F.kl_div(student_log, teacher_log, reduction="batchmean", log_target=True)
+    else:
+        per_view = F.kl_div(student_log, teacher_log, reduction="none", log_target=True).sum(1)
+        loss = (weights.to(per_view) * per_view).mean()
     return loss * temperature**2 if t2_factor else loss
 
 
@@ -251,11 +280,15 @@ def train_student_soft(
     checkpoint: Checkpointer | None = None,
     ranks: Ranks | None = None,
     sync_bn: bool = False,
+    weights: Tensor | None = None,
 ) -> dict:
     """Trains ``student`` on relabelled views of ``images``; validates on the full split.
 
     Args:
         images: (N, C, R, R) synthetic set in normalised space, on ``device``.
+        weights: Optional (N,) per-image weights of the set (:attr:`SyntheticSet.weights`):
+            each view's KD term is weighted by its image's weight (the image whose crop a
+            CutMix patch is pasted into). ``None``: every view weighs 1.
         validate: ``validate(model, batch_size)`` scores a model on the full validation
             split (:func:`wmdd.models.accuracy.split_validator`: cached tensors or a lazy loader).
         on_epoch: Receives each validated epoch's ``{epoch, loss, top1, top5}``.
@@ -290,13 +323,15 @@ def train_student_soft(
     for e in bar:
         model.train()
         total, count = 0.0, 0
-        for views, targets in labels.epoch(e, images):
+        for views, targets, indices in labels.batches(e, images):
+            w = None if weights is None else weights[indices.to(weights.device)]  # (b,)
             if ranks is not None:  # this rank's part of the protocol's batch
                 part, scale = ranks.part(len(views)), ranks.scale(len(views))
                 views, targets = views[part], targets[part]
+                w = None if w is None else w[part]
             with autocast(cfg.precision, device):  # the student only: targets are made
                 logits = model(views)
-            loss = kd_loss(logits.float(), targets, cfg.temperature, cfg.t2_factor)
+            loss = kd_loss(logits.float(), targets, cfg.temperature, cfg.t2_factor, w)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"student: non-finite loss at epoch {e}")
             opt.zero_grad(set_to_none=True)

@@ -19,9 +19,9 @@ Pooling modes of :func:`per_class_bn_stats`:
   batch size.
 * ``"batch_mean"`` (departure-reproducing option): the official WMDD code averages, over the
   class's batches of ``batch_size`` images, the per-batch means and per-batch biased variances,
-  with every batch (including the last, partial one) weighted equally. Averaging within-batch
-  variances drops the between-batch spread of the means, so it *underestimates* the pooled
-  variance (law of total variance); the partial last batch is also over-weighted.
+  each batch weighted by its number of images (so a partial last batch counts for what it
+  holds). Averaging within-batch variances drops the between-batch spread of the means, so it
+  *underestimates* the pooled variance (law of total variance); the means are exact.
 
 Statistics are read with forward hooks on stock ``nn.BatchNorm2d`` modules (subclasses such as
 timm's ``BatchNormAct2d`` included); the model is never forked or patched.
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -48,7 +48,9 @@ __all__ = [
     "ExactPool",
     "BNStats",
     "batch_channel_stats",
+    "global_bn_loss",
     "global_bn_stats",
+    "bn_layer_terms",
     "per_class_bn_stats",
 ]
 
@@ -255,10 +257,11 @@ class ExactPool:
 
 
 class BatchMeanPool:
-    """Official-code pooling: unweighted average of per-batch means and biased variances."""
+    """Official-code pooling: the average of per-batch means and biased variances, each batch
+    weighted by its size (the mean is exact; the variance misses the between-batch spread)."""
 
     def __init__(self) -> None:
-        self.batches = 0
+        self.count = 0
         self.mean_sum: Tensor | float = 0.0
         self.var_sum: Tensor | float = 0.0
 
@@ -268,15 +271,15 @@ class BatchMeanPool:
         self.add(mean_b, var_b, x.shape[0] * x.shape[2] * x.shape[3])
 
     def add(self, mean_b: Tensor, var_b: Tensor, n_b: int) -> None:
-        """Add a batch's mean and biased variance (every batch weighs the same; ``n_b`` unused)."""
-        del n_b
-        self.mean_sum = self.mean_sum + mean_b.double()
-        self.var_sum = self.var_sum + var_b.double()
-        self.batches += 1
+        """Add a batch's mean and biased variance over its ``n_b`` values per channel (its
+        images x H x W: within a layer, proportional to its number of images)."""
+        self.mean_sum = self.mean_sum + n_b * mean_b.double()
+        self.var_sum = self.var_sum + n_b * var_b.double()
+        self.count += n_b
 
     def result(self) -> tuple[Tensor, Tensor]:
         assert isinstance(self.mean_sum, Tensor) and isinstance(self.var_sum, Tensor)
-        return self.mean_sum / self.batches, self.var_sum / self.batches
+        return self.mean_sum / self.count, self.var_sum / self.count
 
 
 def _class_stats(
@@ -359,7 +362,7 @@ def per_class_bn_stats(
         batch_size: Images per forward pass (within one class).
         device: Device the batches are moved to; defaults to the model's device.
         pooling: ``"exact"`` (pooled statistics, default) or ``"batch_mean"`` (official code's
-            unweighted mean of per-batch means/variances; underestimates the variance).
+            size-weighted mean of per-batch means/variances; underestimates the variance).
         progress: Show a tqdm progress bar over classes.
 
     Returns:
@@ -385,6 +388,69 @@ def per_class_bn_stats(
     means = [torch.stack([pc[i][0] for pc in per_class]).float().cpu() for i in range(len(names))]
     vars_ = [torch.stack([pc[i][1] for pc in per_class]).float().cpu() for i in range(len(names))]
     return BNStats(layer_names=names, mean=means, var=vars_, pooling=pooling)
+
+
+#: Running statistics: a 1-row :class:`BNStats` or ``(means, vars)``, one (C_l,) tensor per layer.
+RunningStats = BNStats | tuple[Sequence[Tensor], Sequence[Tensor]]
+
+
+def _running_lists(running: RunningStats) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-layer (C_l,) running means and variances from either accepted form."""
+    if isinstance(running, BNStats):
+        if running.num_rows != 1:
+            raise ValueError(
+                f"whole-batch BN matching needs global (1-row) BN stats, got {running.num_rows} rows"
+            )
+        return [m[0] for m in running.mean], [v[0] for v in running.var]
+    means, vars_ = running
+    return list(means), list(vars_)
+
+
+def bn_layer_terms(inputs: Sequence[Tensor], running: RunningStats) -> Tensor:
+    """Per-layer :math:`\\lVert \\mu_l(X) - \\mu^{run}_l \\rVert_2 + \\lVert \\sigma^2_l(X) -
+    \\sigma^{2,run}_l \\rVert_2`, statistics over the whole batch x H x W (biased variance).
+
+    Args:
+        inputs: Recorded BN inputs, one (b, C_l, H_l, W_l) tensor per layer.
+        running: Running statistics of the same layers, in the same order.
+
+    Returns:
+        (L,) tensor of the unweighted per-layer terms (differentiable w.r.t. ``inputs``).
+    """
+    means, vars_ = _running_lists(running)
+    if not len(inputs) == len(means) == len(vars_):
+        raise ValueError(f"{len(inputs)} BN inputs but running stats for {len(means)} layers")
+    terms = []
+    for z, mu_run, var_run in zip(inputs, means, vars_, strict=True):
+        mu, var = batch_channel_stats(z)  # (C_l,), (C_l,)
+        mu_run, var_run = mu_run.to(mu), var_run.to(var)
+        terms.append(
+            torch.linalg.vector_norm(mu - mu_run) + torch.linalg.vector_norm(var - var_run)
+        )
+    return torch.stack(terms)  # (L,)
+
+
+def global_bn_loss(
+    inputs: Sequence[Tensor], running: RunningStats, first_multiplier: float = 10.0
+) -> Tensor:
+    """SRe2L's BN loss (also WMDD's ``bn_target="global"`` ablation):
+    :math:`\\sum_l m_l (\\lVert \\mu_l(X) - \\mu^{run}_l \\rVert_2 + \\lVert \\sigma^2_l(X) -
+    \\sigma^{2,run}_l \\rVert_2)` with :math:`m_1` = ``first_multiplier``, :math:`m_{l>1} = 1`.
+
+    Args:
+        inputs: Recorded BN inputs, one (b, C_l, H_l, W_l) tensor per layer, in
+            ``model.modules()`` order (the first is the first BN layer).
+        running: The teacher's running statistics of the same layers (see
+            :func:`global_bn_stats`), or ``(means, vars)`` lists of (C_l,).
+        first_multiplier: :math:`m_1`.
+
+    Returns:
+        Scalar loss (unweighted by r_bn).
+    """
+    terms = bn_layer_terms(inputs, running)  # (L,)
+    weights = torch.ones_like(terms)
+    weights[0] = first_multiplier
+    return (weights * terms).sum()
 
 
 def global_bn_stats(model: nn.Module) -> BNStats:
