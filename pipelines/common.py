@@ -153,12 +153,15 @@ class Stage:
                 log_dataset(mlflow, paths.data_dir(self.args.dataset), self.name)
             yield mlflow
 
-    def checkpoints(self, *, params: Any, inputs: list[Path]) -> StageCheckpoints:
+    def checkpoints(
+        self, *, params: Any, inputs: list[Path], part: str | None = None
+    ) -> StageCheckpoints:
         """This execution's checkpoint directory, keyed by ``params``, the input files
-        and the code (``runtime.checkpoint_seconds`` sets the interval)."""
+        and the code (``runtime.checkpoint_seconds`` sets the interval); ``part`` (e.g.
+        ``set1``) gives a part of the cell its own directory."""
         return StageCheckpoints.for_stage(
             self.name,
-            self.cell,
+            self.cell + ([part] if part else []),
             params=params,
             inputs=inputs,
             every_seconds=self.params.runtime.checkpoint_seconds,

@@ -59,12 +59,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def splitter(args: argparse.Namespace, eval_seeds: tuple[int, ...], gpu: bool):
-    """Sub-tasks of a stage: distillations by class range, evaluations by eval seed."""
+    """Sub-tasks of a stage: distillations by class range (every set of the cell per task),
+    evaluations by eval seed (every set of the cell per task)."""
 
     def split(stage) -> list[Task]:
         name, _, cell = stage.addressing.partition("@")
         cmd = stage_command(stage)
-        if name == "evaluate" and args.seed_tasks and len(eval_seeds) > 1:
+        if name in ("evaluate", "evaluate_hard") and args.seed_tasks and len(eval_seeds) > 1:
             return [Task(stage.addressing, f"{stage.addressing} seed {s}", f"{cmd} --seed {s}", gpu)
                     for s in eval_seeds]  # fmt: skip
         if name == "distill" and args.shards > 1:

@@ -23,7 +23,7 @@ from typing import Any
 
 from wmdd import paths
 from wmdd.config import ConfigError, Params, from_dict, load_params
-from wmdd.utils import read_json
+from wmdd.utils import derive_seed, read_json
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class MethodRef:
     class_group: str | None = None
     # Whether the method takes ``teacher_stats=`` (the teacher_stats stage's output, shared).
     uses_teacher_stats: bool = False
+    # Whether its set is a function of its inputs alone (no seed): one set per cell.
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ METHODS: dict[str, MethodRef] = {
         True,
         "herding: greedy real images keeping the running feature mean closest",
         uses_teacher_stats=True,
+        deterministic=True,
     ),
 }
 
@@ -163,6 +166,7 @@ def method_config(params: Params, method: str, profile: str) -> Any:
     recursively, then the variant's fixed ``defaults``; parsed strictly."""
     spec = get_method(method)
     section = dict(params.methods.get(method) or {})
+    section.pop("sets", None)  # the registry's key (method_sets), not the method's
     overrides = section.pop("overrides", None) or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"params.yaml: methods.{method}.overrides: expected a mapping")
@@ -183,6 +187,31 @@ def method_config(params: Params, method: str, profile: str) -> Any:
     origin = f" (with methods.{method}.overrides.{profile})" if profile in overrides else ""
     where = f"params.yaml{origin}: methods.{method}"
     return from_dict(spec.config_cls, merged, path=where)
+
+
+def method_sets(params: Params, method: str) -> list[int]:
+    """The distilled sets of each cell of ``method``: ``methods.<method>.sets`` (an optional
+    key of the method's section, read here and not passed to the method) or
+    ``benchmark.sets``, as indices 0..n-1; one set for a deterministic method."""
+    section = params.methods.get(method) or {}
+    value = section.get("sets", params.benchmark.sets)
+    where = f"params.yaml: methods.{method}.sets" if "sets" in section else "benchmark.sets"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: expected a positive int, got {value!r}")
+    if METHODS[method].deterministic if method in METHODS else False:
+        if "sets" in section and value != 1:
+            raise ConfigError(f"{where}: {method} is deterministic (one set per cell), got {value}")
+        return [0]
+    return list(range(value))
+
+
+def set_seed(base_seed: int, profile: str, method: str, set_index: int) -> int:
+    """The seed set ``set_index`` of a (profile, method) cell is distilled from. Set 0 keeps
+    the seed a cell had before sets existed (its bytes are unchanged); the IPC is not part
+    of it, as before."""
+    if set_index == 0:
+        return derive_seed(base_seed, profile, method)
+    return derive_seed(base_seed, profile, method, "set", set_index)
 
 
 def resolve_method(params: Params, method: str, profile: str) -> tuple[MethodSpec, Any]:

@@ -92,7 +92,7 @@ def shards(work: Path, source: str, teacher_epochs: int | None) -> None:
     cmd = [str(BIN / "python"), "-m", "pipelines.distill", "--dataset", "tiny_cpu", "--method", "wmdd",
            "--ipc", "10", "--no-progress"]  # fmt: skip
     t_one = run(cmd, repo)
-    one = (repo / "distilled/tiny_cpu/wmdd/ipc10/set.pt").read_bytes()
+    one = (repo / "distilled/tiny_cpu/wmdd/ipc10/set0/set.pt").read_bytes()
     print(f"one process: {t_one:.0f} s")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
@@ -101,7 +101,7 @@ def shards(work: Path, source: str, teacher_epochs: int | None) -> None:
     codes = [p.wait() for p in procs]
     t_shards = time.perf_counter() - start
     t_merge = run(cmd, repo)
-    two = (repo / "distilled/tiny_cpu/wmdd/ipc10/set.pt").read_bytes()
+    two = (repo / "distilled/tiny_cpu/wmdd/ipc10/set0/set.pt").read_bytes()
     print(f"2 shards in 2 processes: {t_shards:.0f} s (exit {codes}), merge: {t_merge:.0f} s")
     print(
         f"speed-up: {t_one / t_shards:.2f}x shards alone, {t_one / (t_shards + t_merge):.2f}x with the merge"

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _table(changes: dict | None = None) -> pd.DataFrame:
     rows = [
-        {"profile": "digits", "method": m, "ipc": k, "seeds": 3, "top1_mean": mean, "top1_std": std,
+        {"profile": "digits", "method": m, "ipc": k, "protocol": "soft", "seeds": 3, "top1_mean": mean, "top1_std": std,
          "protocol_hash": "h1", "versions": "torch 2.14.1", "machine": "cpu:2 cores (EPYC)"}
         for m, k, mean, std in [("random", 1, 60.0, 1.0), ("wmdd", 1, 70.0, 0.5), ("wmdd", 10, 95.0, 0.2)]
     ]  # fmt: skip
@@ -46,11 +46,11 @@ def test_unchanged_tables_are_within_noise() -> None:
 def test_a_worsened_cell_is_a_regression_and_a_small_move_is_noise() -> None:
     new = _table({("wmdd", 10, "top1_mean"): 90.0, ("random", 1, "top1_mean"): 59.5})
     verdicts = {v.cell: v for v in compare_tables(_table(), new, max_regression=1.0)}
-    assert verdicts["digits", "wmdd", 10].verdict == "regression"
-    assert verdicts["digits", "wmdd", 10].diff == pytest.approx(-5.0)
-    assert verdicts["digits", "random", 1].verdict == "within noise"  # -0.5 with std 1
+    assert verdicts["digits", "wmdd", 10, "soft"].verdict == "regression"
+    assert verdicts["digits", "wmdd", 10, "soft"].diff == pytest.approx(-5.0)
+    assert verdicts["digits", "random", 1, "soft"].verdict == "within noise"  # -0.5 with std 1
     better = compare_tables(_table(), _table({("wmdd", 1, "top1_mean"): 75.0}))
-    assert [v.verdict for v in better if v.cell == ("digits", "wmdd", 1)] == ["improvement"]
+    assert [v.verdict for v in better if v.cell == ("digits", "wmdd", 1, "soft")] == ["improvement"]
 
 
 def test_rows_are_not_compared_blindly() -> None:
@@ -58,12 +58,35 @@ def test_rows_are_not_compared_blindly() -> None:
         {("wmdd", 1, "protocol_hash"): "h2", ("random", 1, "machine"): "cpu:8 cores (Xeon)"}
     )
     verdicts = {v.cell: v for v in compare_tables(_table(), new)}
-    assert verdicts["digits", "wmdd", 1].verdict == "not comparable: protocol differs"
-    assert "machine differ" in verdicts["digits", "random", 1].notes
+    assert verdicts["digits", "wmdd", 1, "soft"].verdict == "not comparable: protocol differs"
+    assert "machine differ" in verdicts["digits", "random", 1, "soft"].notes
     one_seed = _table({("wmdd", 10, "seeds"): 1})
     assert [v.verdict for v in compare_tables(_table(), one_seed) if v.cell[2] == 10] == [
         "no noise estimate (fewer than 2 seeds)"
     ]
+
+
+def test_tables_without_a_protocol_column_are_the_soft_protocol() -> None:
+    """A base table from before both protocols were evaluated has no protocol column: its
+    rows are the soft-label protocol's, and a hard-label row of the new table has no base."""
+    old = _table().drop(columns="protocol")
+    new = pd.concat([_table(), _table().assign(protocol="hard")], ignore_index=True)
+    verdicts = compare_tables(old, new)
+    assert sorted(v.cell[3] for v in verdicts) == ["soft"] * 3
+    assert any("only in the new table" in line for line in unmatched(old, new))
+
+
+def test_welch_interval_matches_scipy_and_covers_the_difference() -> None:
+    from wmdd.report.compare import welch_interval
+
+    a, b = [57.0, 55.5, 58.2], [59.1, 60.3, 58.7, 61.0, 59.9]
+    diff, lo, hi, p = welch_interval(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert p == pytest.approx(ref.pvalue, rel=1e-9)
+    assert diff == pytest.approx(sum(a) / 3 - sum(b) / 5)
+    ci = ref.confidence_interval(0.95)
+    assert (lo, hi) == (pytest.approx(ci.low, rel=1e-9), pytest.approx(ci.high, rel=1e-9))
+    assert math.isnan(welch_interval([1.0], b)[1])
 
 
 def test_render_is_a_markdown_table_with_a_summary() -> None:

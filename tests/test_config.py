@@ -249,7 +249,17 @@ def test_selected_protocol_missing(raw, tmp_path) -> None:
         d["datasets"]["digits"]["protocol"].pop("hard")
 
     msg = _error(tmp_path, raw, edit)
-    assert "datasets.digits.protocol.kind is 'hard' but protocol.hard is missing" in msg
+    assert "datasets.digits.protocol.hard is missing" in msg
+
+
+def test_a_profile_the_pipeline_runs_needs_both_protocols(raw, tmp_path) -> None:
+    """Every cell is evaluated under both protocols (stages evaluate and evaluate_hard)."""
+    msg = _error(tmp_path, raw, lambda d: d["datasets"]["digits"]["protocol"].pop("hard"))
+    assert "datasets.digits.protocol.hard is missing" in msg
+    # A profile the pipeline does not run needs only its headline protocol.
+    data = copy.deepcopy(raw)
+    data["datasets"]["cifar10"]["protocol"].pop("hard")
+    assert load_params(_write(tmp_path, data)).datasets["cifar10"].protocol.hard is None
 
 
 def test_benchmark_unknown_profile(raw, tmp_path) -> None:
@@ -429,3 +439,37 @@ def test_dms_large_ipc_learning_rate_only_for_cifar10() -> None:
         want = 10.0 if profile.data.name == "cifar10" else 1.0
         assert pixel_lr(config, 100) == want, profile_name
         assert pixel_lr(config, 50) == 1.0, profile_name
+
+
+def test_sets_per_cell_come_from_the_benchmark_or_the_method(raw, tmp_path) -> None:
+    from pipelines.registry import method_sets
+
+    params = load_params(PARAMS)
+    assert method_sets(params, "wmdd") == list(range(params.benchmark.sets))
+    assert method_sets(params, "random") == list(range(raw["methods"]["random"]["sets"]))
+    assert len(method_sets(params, "random")) >= 5  # the reference row: at least 5 draws
+    assert method_sets(params, "herding") == [0]  # deterministic: one set
+    # ``sets`` is the registry's key: the method's own config never sees it.
+    assert method_config(params, "random", "digits") == RandomConfig(draw=0)
+    for method, value, match in (
+        ("herding", 3, "herding is deterministic"),
+        ("wmdd", 0, "methods.wmdd.sets: expected a positive int"),
+    ):
+        data = copy.deepcopy(raw)
+        data["methods"][method] = {**(data["methods"][method] or {}), "sets": value}
+        with pytest.raises(ConfigError, match=match):
+            method_sets(load_params(_write(tmp_path, data)), method)
+    data = copy.deepcopy(raw)
+    data["benchmark"]["sets"] = 0
+    with pytest.raises(ConfigError, match="sets"):
+        load_params(_write(tmp_path, data))
+
+
+def test_set_zero_keeps_the_cells_former_seed_and_sets_differ() -> None:
+    from pipelines.registry import set_seed
+    from wmdd.utils import derive_seed
+
+    assert set_seed(0, "digits", "wmdd", 0) == derive_seed(0, "digits", "wmdd")
+    seeds = {set_seed(0, "digits", "wmdd", s) for s in range(5)}
+    assert len(seeds) == 5
+    assert set_seed(0, "digits", "wmdd", 1) != set_seed(0, "digits", "dm", 1)

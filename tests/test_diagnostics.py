@@ -97,3 +97,30 @@ def test_bad_input_is_refused(images, labels, mean, match: str) -> None:
     std = (1.0,) * len(mean)
     with pytest.raises(ValueError, match=match):
         set_diagnostics(_PickChannel(), images, labels, mean=mean, std=std)
+
+
+class _MeanFeatures(nn.Module):
+    """Features = per-channel means; head = identity (the class is the largest feature)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return f
+
+
+def test_barycenter_diagnostics_by_hand() -> None:
+    from wmdd.protocol.diagnostics import barycenter_diagnostics
+
+    # 2 classes x 2 points in a 3-D feature space; point (1, 1) is ambiguous (class 1's but
+    # its largest coordinate is 0).
+    bary = torch.tensor([[[2.0, 0.0, 0.0], [1.0, 0.0, 0.0]], [[0.0, 3.0, 0.0], [4.0, 1.0, 0.0]]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # Images whose features are the points, except image 2: (0, 3, 0) -> (0, 1.5, 0).
+    images = bary.reshape(4, 3)[:, :, None, None].expand(4, 3, 2, 2).clone()
+    images[2] = images[2] / 2
+    out = barycenter_diagnostics(_MeanFeatures(), images, labels, bary, torch.tensor([0, 1]))
+    assert out["barycenter_agreement"] == pytest.approx(75.0)  # 3 of 4 points
+    assert out["feature_distance"] == pytest.approx(0.0)  # median of (0, 0, 0.5, 0)
+    with pytest.raises(ValueError, match="3 images for 2 classes x 2"):
+        barycenter_diagnostics(_MeanFeatures(), images[:3], labels[:3], bary, torch.tensor([0, 1]))

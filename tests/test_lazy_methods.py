@@ -202,8 +202,10 @@ def _params(tmp_path: Path, source: Path, weights: Path) -> Path:
         "pretrained": f"file:{weights}",
     }
     profile["protocol"]["soft"].update(epochs=2, eval_interval=1, batch_size=4)
+    profile["protocol"]["hard"].update(epochs=2, batch_size=4)
     params["datasets"]["lazy"] = profile
-    params["benchmark"].update(datasets=["lazy"], eval_seeds=[0])
+    params["benchmark"].update(datasets=["lazy"], eval_seeds=[0], sets=1)
+    params["methods"]["random"]["sets"] = 1
     params["methods"]["wmdd"]["overrides"]["lazy"] = {
         "synthesis": {"iterations": 2, "batch_budget": 8},
     }
@@ -230,9 +232,11 @@ def test_stages_run_on_a_lazy_profile(tmp_path: Path, monkeypatch) -> None:
         distill.main(cell)
         relabel.main(cell)
         evaluate.main(cell)
+        evaluate.main([*cell, "--protocol", "hard"])
         diagnose.main([a for a in cell if a != "--no-progress"])
-        result = read_json(tmp_path / f"results/lazy/{method}/ipc1/metrics.json")
-        assert result["n"] == 1 and 0.0 <= result["top1_mean"] <= 100.0
+        for protocol in ("soft", "hard"):
+            result = read_json(tmp_path / f"results/lazy/{method}/ipc1/{protocol}/metrics.json")
+            assert result["n"] == 1 and 0.0 <= result["top1_mean"] <= 100.0
         stats = read_json(tmp_path / f"results/lazy/{method}/ipc1/diagnostics.json")
         assert stats["images"] == 4
     # The teacher stage scored the loaded weights on the lazy val split: the same accuracy

@@ -2,7 +2,7 @@
 
 Starts ``mlflow server`` on 127.0.0.1 over a small store laid out as the pipeline logs it
 (evaluate runs of one dataset, the cell as params and tags, ``top1_mean``, per-epoch
-``seed0.top1`` curves), drives Debian's Chromium with Playwright (``executable_path``,
+``set0.seed0.top1`` curves), drives Debian's Chromium with Playwright (``executable_path``,
 never a downloaded browser), filters the runs of one dataset's evaluate stage, and checks
 that the method, IPC and top-1 columns are shown and that the compare page renders the
 chosen metric for the selected runs. Screenshots go to ``$WMDD_UI_SCREENSHOTS`` (default:
@@ -58,7 +58,7 @@ def _store(root: Path) -> tuple[str, str]:
                 "budget": "cpu",
                 "protocol_hash": "abc",
             }
-            curve = [Metric("seed0.top1", top1 * e / 3, 0, e) for e in (1, 2, 3)]
+            curve = [Metric("set0.seed0.top1", top1 * e / 3, 0, e) for e in (1, 2, 3)]
             client.log_batch(
                 rid,
                 metrics=[Metric("top1_mean", top1, 0, 0), Metric("top1_std", 0.5, 0, 0), *curve],

@@ -47,8 +47,11 @@ def _run(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
 E2E_OVERRIDES = [
     "benchmark.methods=[random,dm,wmdd]",  # a real-image, a real-init and a noise method
     "benchmark.eval_seeds=[0,1]",
+    "benchmark.sets=2",  # two distilled sets per cell: the set level of the statistics
+    "methods.random.sets=2",
     "datasets.digits.protocol.soft.epochs=100",
     "datasets.digits.protocol.soft.eval_interval=50",
+    "datasets.digits.protocol.hard.epochs=100",
     "methods.wmdd.synthesis.iterations=100",
     "methods.sre2l.synthesis.iterations=100",
     "methods.dm.iterations=100",
@@ -95,13 +98,19 @@ def repo(tmp_path_factory) -> Path:
 def test_default_run_writes_report_and_csv(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())["benchmark"]
     rows = list(csv.DictReader((repo / "reports" / "results.csv").open()))
-    cells = {(r["profile"], r["method"], int(r["ipc"])) for r in rows}
+    cells = [(r["profile"], r["method"], int(r["ipc"]), r["protocol"]) for r in rows]
     expected = {
-        (d, m, k) for d in params["datasets"] for m in params["methods"] for k in params["ipcs"]
+        (d, m, k, p)
+        for d in params["datasets"]
+        for m in params["methods"]
+        for k in params["ipcs"]
+        for p in ("soft", "hard")
     }
-    assert cells == expected
+    assert sorted(cells) == sorted(expected)  # every cell under both protocols, once
     for r in rows:
-        assert int(r["seeds"]) == len(params["eval_seeds"])
+        # the spread is over the distilled sets; each set saw every eval seed
+        assert (int(r["seeds"]), int(r["sets"])) == (params["sets"], params["sets"])
+        assert int(r["eval_seeds"]) == len(params["eval_seeds"]) and r["std_over"] == "sets"
         assert 0.0 <= float(r["top1_mean"]) <= 100.0
         assert float(r["teacher_top1"]) >= 95.0, "digits teacher must reach 95% top-1"
     text = (repo / "reports" / "benchmark.md").read_text()
@@ -131,6 +140,7 @@ def test_report_numbers_equal_mlflow(repo: Path) -> None:
         "distill",
         "relabel",
         "evaluate",
+        "evaluate_hard",
         "diagnose",
         "report",
     }
@@ -144,7 +154,7 @@ def test_mlflow_runs_are_laid_out_for_comparing(repo: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("wmdd-benchmark").experiment_id
     row = next(r for r in csv.DictReader((repo / "reports" / "results.csv").open())
-               if (r["method"], r["ipc"]) == ("wmdd", "10"))  # fmt: skip
+               if (r["method"], r["ipc"], r["protocol"]) == ("wmdd", "10", "soft"))  # fmt: skip
     run = client.get_run(row["evaluate_run_id"])
     assert run.info.run_name == "evaluate/digits/wmdd/ipc10"
     params = run.data.params
@@ -154,9 +164,18 @@ def test_mlflow_runs_are_laid_out_for_comparing(repo: Path) -> None:
     assert params["protocol.kind"] == "soft" and params["eval_seeds"] == "[0, 1]"
     assert not [k for k in params if k.startswith(("protocol.hard", "protocol.soft"))]
     assert params["protocol_hash"] == row["protocol_hash"]
-    for metric in ("seed0.top1", "seed1.top5"):
+    assert params["sets"] == "[0, 1]"
+    for metric in ("set0.seed0.top1", "set1.seed1.top5"):  # which set, which eval seed
         steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
         assert steps == [50, 100], (metric, steps)  # eval_interval 50 of 100 epochs
+    # The distill run's loss curves, per set and component (WMDD: feature and BN terms).
+    (distill,) = client.search_runs(
+        [exp], "tags.stage = 'distill' and tags.method = 'wmdd' and tags.ipc = '10'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )  # fmt: skip
+    for name in ("set0.synthesis.feature", "set1.synthesis.bn"):
+        history = client.get_metric_history(distill.info.run_id, name)
+        assert len(history) > 10 and history[-1].step == 100, name  # 100 iterations
     (dataset,) = run.inputs.dataset_inputs
     manifest = json.loads((repo / "data" / "digits" / "manifest.json").read_text())
     assert dataset.dataset.name == "digits"
@@ -211,7 +230,7 @@ def test_code_edits_invalidate_exactly_the_stages_that_run_the_code(repo: Path) 
     assert _status_after_edit(repo, "wmdd/report/benchmark.py") == {"report"}
     protocol = _status_after_edit(repo, "wmdd/protocol/soft.py")
     assert protocol and all(
-        s.split("@")[0] in {"relabel", "evaluate", "diagnose"} for s in protocol
+        s.split("@")[0] in {"relabel", "evaluate", "evaluate_hard", "diagnose"} for s in protocol
     )
     distill = _status_after_edit(repo, "baselines/dm.py")
     assert distill == {s for s in every if s.startswith("distill@")}
@@ -234,6 +253,7 @@ FORCED = [
     "distill@digits-wmdd-1",
     "relabel@digits-random-1",
     "evaluate@digits-random-1",
+    "evaluate_hard@digits-random-1",
     "diagnose@digits-random-1",
 ]
 
@@ -280,7 +300,7 @@ def test_parallel_runner_writes_what_sequential_repro_wrote(repo: Path, tmp_path
     ours = yaml.safe_load((dest / "dvc.lock").read_text())["stages"]
     theirs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     common = [s for s in ours if s != "report"]
-    assert len(common) == 3 + 4 * 2  # prepare, teacher, teacher_stats; 4 stages x 2 cells
+    assert len(common) == 3 + 5 * 2  # prepare, teacher, teacher_stats; 5 stages x 2 cells
     for stage in common:
         assert ours[stage]["outs"] == theirs[stage]["outs"], stage
     status = _run([str(BIN / "dvc"), "status", "--json"], dest)
@@ -295,7 +315,8 @@ def test_dvc_plots_render_the_declared_plots(repo: Path) -> None:
     plots = json.loads(proc.stdout)["data"]
     assert "reports/plots/accuracy/digits.csv" in plots
     assert "models/digits/curve.csv" in plots
-    assert "results/digits/wmdd/ipc10/curve.csv" in plots
+    assert "results/digits/wmdd/ipc10/soft/curve.csv" in plots
+    assert "results/digits/wmdd/ipc10/hard/curve.csv" in plots
     accuracy = plots["reports/plots/accuracy/digits.csv"][0]["content"]["data"]["values"]
     methods = yaml.safe_load((repo / "params.yaml").read_text())["benchmark"]["methods"]
     assert {v["field"] for v in accuracy} == set(methods)

@@ -362,11 +362,17 @@ def test_protocol_hash() -> None:
         _protocol(), hard=HardProtocolConfig(student=ModelConfig("convnet", {"width": 16}))
     )
     assert base == protocol_hash(other_hard, eval_seeds=(0, 1, 2), base_seed=0)
+    # The protocol can be named (both are evaluated): the hash is the named protocol's.
+    assert base == protocol_hash(hard, eval_seeds=(0, 1, 2), base_seed=0, kind="soft")
+    assert protocol_hash(hard, eval_seeds=(0, 1, 2), base_seed=0) == protocol_hash(
+        _protocol(), eval_seeds=(0, 1, 2), base_seed=0, kind="hard"
+    )
     # Nothing about a method can enter: the hash takes no method argument.
     assert set(inspect.signature(protocol_hash).parameters) == {
         "protocol",
         "eval_seeds",
         "base_seed",
+        "kind",
     }
 
 

@@ -185,7 +185,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) 
             "labels": torch.zeros(1, dtype=torch.long),
             "weights": None,
         },
-        _mk(tmp_path / "distilled/digits/dm/ipc1/set.pt"),
+        _mk(tmp_path / "distilled/digits/dm/ipc1/set0/set.pt"),
     )
     _corrupt(tmp_path / "models/digits/teacher.pt", "truncated")
     proc = _cli(tmp_path, *args)

@@ -215,7 +215,15 @@ def test_deterministic_and_seed_dependent() -> None:
         "batch_keys",
         "batch_finals",
         "optimise_seconds",
+        "curve_sum",
+        "curve_batches",
+        "curve_names",
     }
+    # The loss curve: every iteration of every batch, summed over batches.
+    assert stats["curve_sum"].shape == (cfg.iterations, len(stats["curve_names"]))
+    assert float(stats["curve_batches"]) == len(batches)
+    last = stats["curve_names"].index("loss")
+    assert stats["curve_sum"][-1, last] / len(batches) == pytest.approx(stats["final_loss"])
     assert set(stats["final_components"]) == {"mse"}
     assert stats["batch_keys"] == sorted(stats["batch_keys"]) and len(stats["batch_keys"]) == 1
     assert stats["final_loss"] == stats["batch_finals"][0]["loss"]

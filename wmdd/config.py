@@ -350,16 +350,24 @@ class HardProtocolConfig:
 
 @dataclass(frozen=True)
 class ProtocolConfig:
-    kind: Literal["soft", "hard"]  # which protocol evaluates every method of this profile
+    """Both protocols of a profile: every cell is evaluated under each (stages ``evaluate``
+    and ``evaluate_hard``); ``kind`` is the headline, the other is shown beside it."""
+
+    kind: Literal["soft", "hard"]  # the headline protocol of this profile's report
     soft: SoftProtocolConfig | None = None  # settings of the soft-label protocol
     hard: HardProtocolConfig | None = None  # settings of the hard-label protocol
 
-    def selected(self) -> SoftProtocolConfig | HardProtocolConfig:
-        """The settings of the selected protocol."""
-        chosen = self.soft if self.kind == "soft" else self.hard
+    def settings(self, kind: str) -> SoftProtocolConfig | HardProtocolConfig:
+        """The settings of protocol ``kind``; a ConfigError names the missing section."""
+        chosen = {"soft": self.soft, "hard": self.hard}.get(kind)
         if chosen is None:
-            raise ConfigError(f"protocol.kind is {self.kind!r} but protocol.{self.kind} is missing")
+            raise ConfigError(f"protocol.{kind} is missing (every profile the pipeline runs is "
+                              "evaluated under both the soft and the hard protocol)")  # fmt: skip
         return chosen
+
+    def selected(self) -> SoftProtocolConfig | HardProtocolConfig:
+        """The settings of the headline protocol."""
+        return self.settings(self.kind)
 
 
 @dataclass(frozen=True)
@@ -377,7 +385,12 @@ class BenchmarkConfig:
     datasets: tuple[str, ...]  # profiles (keys of `datasets`) the pipeline expands to
     methods: tuple[str, ...]  # methods (keys of `methods`) the pipeline expands to
     ipcs: tuple[int, ...]  # images per class
-    eval_seeds: tuple[int, ...]  # student seeds per cell (>= 3 for a table)
+    eval_seeds: tuple[int, ...]  # student seeds per distilled set
+    # Distilled sets per cell of a method with randomness (init, draws): each is distilled
+    # from its own seed and evaluated, so the report's spread includes the set's variance.
+    # ``methods.<m>.sets`` overrides it per method (random: 5); deterministic methods
+    # (herding) distil one set.
+    sets: int = 1
     seed: int = 0  # base seed; all randomness derives from it
     experiment: str = "wmdd-benchmark"  # MLflow experiment name
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
@@ -393,7 +406,7 @@ class BenchmarkConfig:
     channels_last: bool = False
 
     def __post_init__(self) -> None:
-        check_ranges(self, at_least={"threads": 0})
+        check_ranges(self, at_least={"threads": 0, "sets": 1})
 
 
 @dataclass(frozen=True)
@@ -476,8 +489,10 @@ def _check_benchmark(params: Params, source: str) -> None:
     if not bench.eval_seeds:
         raise ConfigError(f"{source}: benchmark.eval_seeds: expected at least one seed")
     for name, prof in params.datasets.items():
+        kinds = ("soft", "hard") if name in bench.datasets else (prof.protocol.kind,)
         try:
-            prof.protocol.selected()
+            for kind in kinds:
+                prof.protocol.settings(kind)
         except ConfigError as err:
             raise ConfigError(f"{source}: datasets.{name}.{err}") from None
 

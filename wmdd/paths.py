@@ -32,7 +32,28 @@ def teacher_curve_path(profile: str) -> Path:
 
 
 def distilled_dir(profile: str, method: str, ipc: int) -> Path:
+    """A cell's distilled sets: one ``set<s>/`` folder per distilled set (:func:`set_dir`)."""
     return Path("distilled") / profile / method / f"ipc{ipc}"
+
+
+def set_dir(cell_dir: Path, set_index: int) -> Path:
+    """Set ``set_index`` of a cell inside its ``distilled/`` or ``labels/`` directory."""
+    return cell_dir / f"set{set_index}"
+
+
+def set_indices(cell_dir: Path) -> list[int]:
+    """The sets a distill stage wrote into ``cell_dir`` (folders ``set<s>`` holding a
+    ``set.pt``), in order; a FileNotFoundError names the folder when there is none."""
+    found = sorted(
+        int(d.name[3:])
+        for d in (cell_dir.iterdir() if cell_dir.is_dir() else [])
+        if d.is_dir() and d.name[:3] == "set" and d.name[3:].isdigit() and (d / SET_FILE).is_file()
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"{cell_dir}: no distilled set (set<s>/{SET_FILE}) found (run the distill stage first)"
+        )
+    return found
 
 
 SET_FILE = "set.pt"  # the distilled set inside its distilled directory
@@ -43,13 +64,16 @@ def labels_dir(profile: str, method: str, ipc: int) -> Path:
     return Path("labels") / profile / method / f"ipc{ipc}"
 
 
-def results_path(profile: str, method: str, ipc: int) -> Path:
-    return Path("results") / profile / method / f"ipc{ipc}" / "metrics.json"
+PROTOCOLS = ("soft", "hard")  # every cell is evaluated under both (stages evaluate, evaluate_hard)
 
 
-def curve_path(profile: str, method: str, ipc: int) -> Path:
-    """The students' validation top-1 / top-5 per evaluated epoch, mean over eval seeds."""
-    return Path("results") / profile / method / f"ipc{ipc}" / "curve.csv"
+def results_path(profile: str, method: str, ipc: int, protocol: str = "soft") -> Path:
+    return Path("results") / profile / method / f"ipc{ipc}" / protocol / "metrics.json"
+
+
+def curve_path(profile: str, method: str, ipc: int, protocol: str = "soft") -> Path:
+    """The students' validation top-1 / top-5 per evaluated epoch, mean over sets and seeds."""
+    return Path("results") / profile / method / f"ipc{ipc}" / protocol / "curve.csv"
 
 
 def accuracy_plot_path(profile: str) -> Path:

@@ -181,7 +181,8 @@ def save_distilled(out: Path, synthetic: SyntheticSet, data: Any, *, meta: dict)
 
 # --- class-range shards ------------------------------------------------------------------
 
-SUMMED_AUX = {"loss"}  # per-iteration curves summed over a run's classes (DM)
+# per-iteration curves summed over a run's classes (DM) or batches (the synthesis loop)
+SUMMED_AUX = {"loss", "curve_sum", "curve_batches"}
 SYNTHESIS_STATS = {"final_loss", "final_components", "batch_keys", "batch_finals"}
 
 
@@ -290,7 +291,8 @@ def merge_shards(
     )
 
 
-def _set_state(synthetic: SyntheticSet) -> dict[str, Any]:
+def set_state(synthetic: SyntheticSet) -> dict[str, Any]:
+    """A set as plain tensors and dicts (for a checkpoint's ``torch.save``)."""
     return {"images": synthetic.images, "labels": synthetic.labels, "weights": synthetic.weights,
             "aux": synthetic.aux}  # fmt: skip
 
@@ -321,7 +323,7 @@ def distill_classes(
         name = f"shard-{classes.start:06d}-{classes.stop:06d}"
         synthetic, metrics = run_method(fn, classes=classes, ipc=ipc, checkpoint=resume.loop(
             name, f"distill {method} classes {classes.start}:{classes.stop}"), **kwargs)  # fmt: skip
-        resume.save_result(name, {"set": _set_state(synthetic), "metrics": metrics})
+        resume.save_result(name, {"set": set_state(synthetic), "metrics": metrics})
         return None, metrics
     parts = resume.results("shard-")
     ranges = [range(*(int(x) for x in n.split("-")[1:])) for n in parts]

@@ -15,11 +15,21 @@ shows them beside the accuracies):
   optimise pixels without a clamp, such as DM, drift there; the protocol's augmentations
   never clamp either;
 * ``pixel_min`` / ``pixel_max`` — the extreme pixel values in [0, 1] units.
+
+For a set synthesised towards feature targets (WMDD's barycenter points, kept in its
+``aux.pt``), :func:`barycenter_diagnostics` separates the two ways such a set can fail:
+
+* ``barycenter_agreement`` — % of the target points the teacher's classifier head assigns to
+  their own class (low: the targets themselves are ambiguous);
+* ``feature_distance`` — median over images of the distance from the image's clean teacher
+  feature to its own point, relative to the point's norm (high: the synthesis did not reach
+  its target, e.g. too few iterations or a BN term that dominates the loss).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -82,4 +92,51 @@ def set_diagnostics(
         "pixel_min": pixels.min().item(),
         "pixel_max": pixels.max().item(),
         "images": float(len(images)),
+    }
+
+
+@torch.no_grad()
+def barycenter_diagnostics(
+    teacher: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    barycenters: Tensor,
+    classes: Tensor,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """The teacher's verdict on a set's feature targets and how close the images came.
+
+    Args:
+        teacher: The profile's teacher (``forward_features`` / ``forward_head``).
+        images: (N, C, H, W) normalised images ordered by (class, slot), k per class.
+        labels: (N,) int64 class labels.
+        barycenters: (C_range, k, D) the target points, row r of class ``classes[r]``.
+        classes: (C_range,) the classes of the rows.
+        batch_size: Images per teacher forward pass.
+        device: Where the teacher runs.
+
+    Returns:
+        ``barycenter_agreement`` (%) and ``feature_distance`` (median relative distance).
+    """
+    teacher.eval()
+    forward_features = cast(Callable[[Tensor], Tensor], teacher.forward_features)
+    forward_head = cast(Callable[[Tensor], Tensor], teacher.forward_head)
+    rows, k, dim = barycenters.shape
+    if len(images) != rows * k:
+        raise ValueError(f"{len(images)} images for {rows} classes x {k} barycenter points")
+    points = barycenters.reshape(rows * k, dim).to(device, torch.float32)  # (N, D)
+    point_class = classes.long().repeat_interleave(k)  # (N,)
+    head = forward_head(points).float().argmax(dim=1).cpu()
+    feats = torch.cat([
+        forward_features(images[i : i + batch_size].to(device, torch.float32)).float()
+        for i in range(0, len(images), batch_size)
+    ])  # fmt: skip
+    if not torch.equal(point_class, labels.long().cpu()):
+        raise ValueError("the set is not ordered by (class, slot) as its barycenter points")
+    distance = (feats - points).norm(dim=1) / points.norm(dim=1).clamp_min(1e-12)
+    return {
+        "barycenter_agreement": 100.0 * (head == point_class).float().mean().item(),
+        "feature_distance": distance.median().item(),
     }

@@ -101,19 +101,23 @@ def student_seed(base_seed: int, profile: str, ipc: int, eval_seed: int) -> int:
     return derive_seed(base_seed, profile, ipc, "student", eval_seed)
 
 
-def protocol_hash(protocol: ProtocolConfig, *, eval_seeds, base_seed: int) -> str:
-    """Short hash of everything that defines the protocol of a profile: the selected
-    protocol's settings (student model included), the eval seeds and the base seed.
+def protocol_hash(
+    protocol: ProtocolConfig, *, eval_seeds, base_seed: int, kind: str | None = None
+) -> str:
+    """Short hash of everything that defines a protocol of a profile: protocol ``kind``'s
+    settings (default: the headline ``protocol.kind``; student model included), the eval
+    seeds and the base seed.
 
     ``precision`` enters only when it is not ``"fp32"``: float32 is the protocol as it was
     before the setting existed, so those rows keep their hash, and a reduced-precision row
     never shares one with them."""
-    settings = to_dict(protocol.selected())
+    kind = kind or protocol.kind
+    settings = to_dict(protocol.settings(kind))
     if settings.get("precision") == "fp32":
         del settings["precision"]
     return short_hash(
         {
-            "kind": protocol.kind,
+            "kind": kind,
             "settings": settings,
             "eval_seeds": list(eval_seeds),
             "base_seed": base_seed,
@@ -129,9 +133,13 @@ def protocol_plan(
     eval_seeds,
     base_seed: int,
     only: int | None = None,
+    kind: str | None = None,
 ) -> ProtocolPlan:
-    """The plan of cell (``profile``, any method, ``ipc``) under ``protocol``; with
-    ``only``, the plan of that one eval seed (the hash stays the cell's)."""
+    """The plan of cell (``profile``, any method, ``ipc``) under protocol ``kind`` of
+    ``protocol`` (default: the headline); with ``only``, the plan of that one eval seed (the
+    hash stays the cell's). The seeds do not depend on the distilled set either: every set
+    of a cell is seen through the same views (paired across sets and methods)."""
+    kind = kind or protocol.kind
     if only is not None and only not in eval_seeds:
         raise ValueError(f"--seed {only}: not one of benchmark.eval_seeds {list(eval_seeds)}")
     seeds = tuple(
@@ -144,8 +152,8 @@ def protocol_plan(
         if only is None or s == only
     )
     return ProtocolPlan(
-        kind=protocol.kind,
-        settings=protocol.selected(),
+        kind=kind,  # type: ignore[arg-type]
+        settings=protocol.settings(kind),
         seeds=seeds,
-        hash=protocol_hash(protocol, eval_seeds=eval_seeds, base_seed=base_seed),
+        hash=protocol_hash(protocol, eval_seeds=eval_seeds, base_seed=base_seed, kind=kind),
     )

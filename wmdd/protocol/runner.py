@@ -112,14 +112,34 @@ def evaluate_seed(
     )
 
 
-def summarise(per_seed: dict[int, dict]) -> dict:
-    """Mean, sample std (n - 1) and n of the final top-1, top-5 and best-epoch top-1."""
+def summarise(per_set: dict[int, dict[int, dict]]) -> dict:
+    """The cell's numbers over its distilled sets and eval seeds (``per_set[s][e]``).
+
+    ``<key>_mean`` is the mean over sets of each set's mean over its eval seeds. The spread
+    is taken at the level of the distilled set, where a method's result varies: ``<key>_std``
+    is the sample std (n - 1) of the per-set means and ``n`` the number of sets, so the std
+    includes which images were drawn or which noise the synthesis started from. A cell with
+    one set (a deterministic method, or ``sets: 1``) has no set-level spread to measure: its
+    std and n are over eval seeds (``std_over`` says which). ``<key>_samples`` lists the
+    values behind the std, for the report's tests."""
+    if not per_set:
+        raise ValueError("summarise: no distilled set was evaluated")
+    over = "sets" if len(per_set) > 1 else "eval seeds"
     out: dict = {}
     for key in ("top1", "top5", "best_top1"):
-        values = [r[key] for r in per_seed.values()]
-        out[f"{key}_mean"] = statistics.fmean(values)
-        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    out["n"] = len(per_seed)
+        if over == "sets":
+            samples = [
+                statistics.fmean(r[key] for r in seeds.values()) for seeds in per_set.values()
+            ]
+        else:
+            samples = [r[key] for r in next(iter(per_set.values())).values()]
+        out[f"{key}_mean"] = statistics.fmean(samples)
+        out[f"{key}_std"] = statistics.stdev(samples) if len(samples) > 1 else 0.0
+        out[f"{key}_samples"] = samples
+    out["n"] = len(out["top1_samples"])
+    out["sets"] = len(per_set)
+    out["eval_seeds"] = len(next(iter(per_set.values())))
+    out["std_over"] = over
     return out
 
 
@@ -174,6 +194,7 @@ def store_labels(
 ) -> int:
     """Relabel mode ``stored``: every eval seed's views and soft labels written to
     ``out_dir/seed<s>.pt``; returns the bytes stored."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     nbytes = 0
     for seed in plan.seeds:
         labels = StoredLabels.compute(
@@ -184,45 +205,58 @@ def store_labels(
     return nbytes
 
 
-def log_seed(mlflow, eval_seed: int, result: dict) -> None:
-    """Logs one seed's learning curve (``seed<s>.top1`` / ``.loss`` per evaluated epoch)
-    and final numbers to the active MLflow run."""
+def log_seed(mlflow, eval_seed: int, result: dict, *, set_index: int = 0) -> None:
+    """Logs one student's learning curve (``set<s>.seed<e>.top1`` / ``.loss`` per evaluated
+    epoch) and final numbers to the active MLflow run: the name says which distilled set
+    and which eval seed the evaluation belongs to."""
+    name = f"set{set_index}.seed{eval_seed}"
     for h in result["history"]:
         curve = {"top1": h["top1"], "top5": h["top5"], "loss": h["loss"]}
-        mlflow.log_metrics({f"seed{eval_seed}.{k}": v for k, v in curve.items()}, step=h["epoch"])
+        mlflow.log_metrics({f"{name}.{k}": v for k, v in curve.items()}, step=h["epoch"])
     mlflow.log_metrics(
         {
-            f"seed{eval_seed}.final_top1": result["top1"],
-            f"seed{eval_seed}.final_top5": result["top5"],
-            f"seed{eval_seed}.best_top1": result["best_top1"],
+            f"{name}.final_top1": result["top1"],
+            f"{name}.final_top5": result["top5"],
+            f"{name}.best_top1": result["best_top1"],
         }
     )
 
 
-def log_summary(mlflow, per_seed: dict[int, dict], *, device: torch.device) -> dict:
-    """Logs the cell's summary over seeds, its training time (all seeds, wherever they ran)
-    and this process's peak memory; returns the summary."""
-    summary = summarise(per_seed)
+def log_summary(mlflow, per_set: dict[int, dict[int, dict]], *, device: torch.device) -> dict:
+    """Logs the cell's summary (:func:`summarise`), its training time (per set: all its
+    eval seeds, wherever they ran; the mean over sets) and this process's peak memory;
+    returns the summary."""
+    summary = summarise(per_set)
+    per_set_seconds = [sum(r.get("seconds", 0.0) for r in seeds.values()) for seeds in per_set.values()]  # fmt: skip
     cost = {
-        "eval_seconds": sum(r.get("seconds", 0.0) for r in per_seed.values()),
+        "eval_seconds": statistics.fmean(per_set_seconds),
+        "eval_seconds_total": sum(per_set_seconds),
         "peak_mem_mb": peak_memory_mb(device),
     }
-    mlflow.log_metrics({**{k: float(v) for k, v in summary.items()}, **cost})
+    numbers = {k: float(v) for k, v in summary.items() if isinstance(v, int | float)}
+    mlflow.log_metrics({**numbers, **cost})
+    mlflow.set_tag("std_over", summary["std_over"])
     return summary
 
 
 def write_results(
-    per_seed: dict[int, dict], summary: dict, *, protocol_hash: str, record: Path, curve: Path
+    per_set: dict[int, dict[int, dict]],
+    summary: dict,
+    *,
+    protocol_hash: str,
+    record: Path,
+    curve: Path,
 ) -> None:
     """The evaluate stage's outputs: ``metrics.json`` (:func:`results_record`) and the
     mean validation curve ``curve.csv`` (a DVC plot)."""
-    write_json(record, results_record(summary, per_seed, protocol_hash=protocol_hash))
-    write_csv(curve, mean_curve(per_seed), ["epoch", "top1", "top5"])
+    write_json(record, results_record(summary, per_set, protocol_hash=protocol_hash))
+    write_csv(curve, mean_curve(per_set), ["epoch", "top1", "top5"])
 
 
-def mean_curve(per_seed: dict[int, dict]) -> list[dict]:
-    """The students' validation curve, mean over eval seeds at each evaluated epoch."""
-    histories = [r["history"] for r in per_seed.values()]
+def mean_curve(per_set: dict[int, dict[int, dict]]) -> list[dict]:
+    """The students' validation curve, mean over every set and eval seed at each evaluated
+    epoch."""
+    histories = [r["history"] for seeds in per_set.values() for r in seeds.values()]
     return [
         {
             "epoch": points[0]["epoch"],
@@ -233,15 +267,20 @@ def mean_curve(per_seed: dict[int, dict]) -> list[dict]:
     ]
 
 
-def results_record(summary: dict, per_seed: dict[int, dict], *, protocol_hash: str) -> dict:
-    """The evaluate stage's ``metrics.json``: the summary, the protocol hash and per seed
-    the final top-1 / top-5, best top-1 and its epoch (no run metadata: the wall time and
-    memory are MLflow metrics of the run)."""
+def results_record(
+    summary: dict, per_set: dict[int, dict[int, dict]], *, protocol_hash: str
+) -> dict:
+    """The evaluate stage's ``metrics.json``: the summary, the protocol hash and per set and
+    eval seed the final top-1 / top-5, best top-1 and its epoch (no run metadata: the wall
+    time and memory are MLflow metrics of the run)."""
     return {
         **summary,
         "protocol_hash": protocol_hash,
-        "per_seed": {
-            str(s): {k: r[k] for k in ("top1", "top5", "best_top1", "best_epoch")}
-            for s, r in per_seed.items()
+        "per_set": {
+            str(s): {
+                str(e): {k: r[k] for k in ("top1", "top5", "best_top1", "best_epoch")}
+                for e, r in seeds.items()
+            }
+            for s, seeds in per_set.items()
         },
     }

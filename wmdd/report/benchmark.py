@@ -34,6 +34,7 @@ import pandas as pd
 from scipy import stats
 
 from wmdd import paths
+from wmdd.report.compare import welch_interval
 from wmdd.tracking.runs import package_versions
 from wmdd.utils import atomic_dir, atomic_file, file_digest, write_csv
 
@@ -89,16 +90,23 @@ CSV_COLUMNS = [
     "ipc",
     "protocol",
     "seeds",
+    "sets",
+    "eval_seeds",
+    "std_over",
     "top1_mean",
     "top1_std",
     "top5_mean",
     "best_top1_mean",
     "gain_vs_random",
+    "gain_ci_low",
+    "gain_ci_high",
     "welch_p",
     "teacher_top1",
     "teacher_agreement",
     "teacher_label_prob",
     "pixels_outside",
+    "barycenter_agreement",
+    "feature_distance",
     "distill_seconds",
     "peak_mem_mb",
     "distill_peak_mem_mb",
@@ -124,16 +132,40 @@ class ReportError(ValueError):
 
 @dataclass
 class Cell:
-    """Everything the report needs about one (profile, method, ipc)."""
+    """Everything the report needs about one (profile, method, ipc) under one protocol."""
 
     profile: str
     method: str
     ipc: int
+    protocol: str  # "soft" or "hard"
     evaluate: Any  # mlflow Run
     distill: Any
-    relabel: Any
+    relabel: Any  # None under the hard-label protocol (no relabelling)
     diagnose: Any
-    per_seed_top1: list[float]
+    samples: list[float]  # the values behind the std: per-set means, or per-seed (one set)
+    per_set: dict[int, list[float]]  # final top-1 of every eval seed, by distilled set
+
+
+EVALUATE_STAGE = {"soft": "evaluate", "hard": "evaluate_hard"}
+
+
+def per_set_top1(metrics: dict[str, float]) -> dict[int, list[float]]:
+    """Final top-1 of every (set, eval seed) an evaluate run logged
+    (``set<s>.seed<e>.final_top1``), by set, in seed order."""
+    found: dict[int, dict[int, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[2] == "final_top1" and parts[0][:3] == "set":
+            found.setdefault(int(parts[0][3:]), {})[int(parts[1][4:])] = value
+    return {s: [v for _, v in sorted(seeds.items())] for s, seeds in sorted(found.items())}
+
+
+def level_samples(per_set: dict[int, list[float]]) -> list[float]:
+    """The values a cell's spread is measured on (``wmdd.protocol.runner.summarise``): the
+    per-set means, or the eval seeds' values when the cell has one set."""
+    if len(per_set) > 1:
+        return [statistics.fmean(v) for v in per_set.values()]
+    return list(next(iter(per_set.values())))
 
 
 def _md5(path: Path) -> str:
@@ -208,7 +240,8 @@ class RunIndex:
 def collect_cells(
     client, profiles: Sequence[str], methods: Sequence[str], ipcs: Sequence[int], *, experiment: str
 ) -> tuple[list[Cell], dict[str, Any]]:
-    """Resolves the MLflow runs behind every cell's outputs and every profile's teacher."""
+    """Resolves the MLflow runs behind every cell's outputs, under both protocols, and every
+    profile's teacher."""
     index = RunIndex(client, experiment)
     cells, teachers = [], {}
     for p in profiles:
@@ -216,22 +249,36 @@ def collect_cells(
         for m in methods:
             for k in ipcs:
                 name = f"{p}-{m}-{k}"
-                ev = index.of_output("evaluate", paths.results_path(p, m, k), cell=name)
-                set_file = paths.distilled_dir(p, m, k) / paths.SET_FILE
-                labels_file = paths.labels_dir(p, m, k) / paths.LABELS_FILE
-                seeds = sorted(key for key in ev.data.metrics if key.endswith(".final_top1"))
-                cells.append(
-                    Cell(
-                        p,
-                        m,
-                        k,
-                        ev,
-                        index.of_input("distill", ev, set_file, cell=name),
-                        index.of_input("relabel", ev, labels_file, cell=name),
-                        index.of_output("diagnose", paths.diagnostics_path(p, m, k), cell=name),
-                        [ev.data.metrics[s] for s in seeds],
+                set_file = paths.set_dir(paths.distilled_dir(p, m, k), 0) / paths.SET_FILE
+                diagnose = index.of_output("diagnose", paths.diagnostics_path(p, m, k), cell=name)
+                for protocol, stage in EVALUATE_STAGE.items():
+                    results = paths.results_path(p, m, k, protocol)
+                    ev = index.of_output(stage, results, cell=name)
+                    relabel = None
+                    if protocol == "soft":
+                        labels_file = paths.labels_dir(p, m, k) / paths.LABELS_FILE
+                        relabel = index.of_input("relabel", ev, labels_file, cell=name)
+                    per_set = per_set_top1(ev.data.metrics)
+                    if not per_set:
+                        raise ReportError(
+                            f"run {ev.info.run_id} ({stage} of {name}) logged no "
+                            "set<s>.seed<e>.final_top1 metric: re-run it (`dvc repro --force`)"
+                        )
+                    distill = index.of_input("distill", ev, set_file, cell=name)
+                    cells.append(
+                        Cell(
+                            p,
+                            m,
+                            k,
+                            protocol,
+                            ev,
+                            distill,
+                            relabel,
+                            diagnose,
+                            level_samples(per_set),
+                            per_set,
+                        )  # fmt: skip
                     )
-                )
     return cells, teachers
 
 
@@ -254,13 +301,18 @@ def _method_label(method: str, distill_params: dict[str, str]) -> str:
 
 
 def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
-    """One row per cell with the CSV columns (accuracies in percent)."""
-    random_top1 = {(c.profile, c.ipc): c.per_seed_top1 for c in cells if c.method == "random"}
+    """One row per cell and protocol with the CSV columns (accuracies in percent). The gain
+    over random is measured under the same protocol on the set-level samples (Welch's
+    interval and p, :func:`wmdd.report.compare.welch_interval`)."""
+    random = {(c.profile, c.ipc, c.protocol): c.samples for c in cells if c.method == "random"}
     rows = []
     for c in cells:
-        ev, di, rl, dg = c.evaluate.data, c.distill.data, c.relabel.data, c.diagnose.data
-        ref = random_top1.get((c.profile, c.ipc))
-        gain = (ev.metrics["top1_mean"] - sum(ref) / len(ref)) if ref else math.nan
+        ev, di, dg = c.evaluate.data, c.distill.data, c.diagnose.data
+        rl = c.relabel.data if c.relabel is not None else None
+        ref = random.get((c.profile, c.ipc, c.protocol))
+        gain = lo = hi = p = math.nan
+        if ref and c.method != "random":
+            gain, lo, hi, p = welch_interval(c.samples, ref)
         rows.append(
             {
                 "dataset": ev.tags.get("dataset_name", ""),
@@ -268,32 +320,37 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
                 "budget": ev.tags["budget"],
                 "method": _method_label(c.method, di.params),
                 "ipc": c.ipc,
-                "protocol": ev.tags["protocol"],
-                "seeds": int(ev.metrics["n"]),
+                "protocol": c.protocol,
+                "seeds": len(c.samples),
+                "sets": len(c.per_set),
+                "eval_seeds": len(next(iter(c.per_set.values()))),
+                "std_over": "sets" if len(c.per_set) > 1 else "eval seeds",
                 "top1_mean": ev.metrics["top1_mean"],
                 "top1_std": ev.metrics["top1_std"],
                 "top5_mean": ev.metrics["top5_mean"],
                 "best_top1_mean": ev.metrics["best_top1_mean"],
-                "gain_vs_random": gain if c.method != "random" else math.nan,
-                "welch_p": welch(c.per_seed_top1, ref)
-                if ref and c.method != "random"
-                else math.nan,
+                "gain_vs_random": gain,
+                "gain_ci_low": lo,
+                "gain_ci_high": hi,
+                "welch_p": p,
                 "teacher_top1": teachers[c.profile].data.metrics["val_top1"],
                 "teacher_agreement": dg.metrics["teacher_agreement"],
                 "teacher_label_prob": dg.metrics["teacher_label_prob"],
                 "pixels_outside": dg.metrics["pixels_outside"],
+                "barycenter_agreement": dg.metrics.get("barycenter_agreement", math.nan),
+                "feature_distance": dg.metrics.get("feature_distance", math.nan),
                 "distill_seconds": di.metrics["distill_seconds"],
                 "peak_mem_mb": max(
                     di.metrics["peak_mem_mb"],
-                    rl.metrics.get("peak_mem_mb", 0.0),
+                    rl.metrics.get("peak_mem_mb", 0.0) if rl else 0.0,
                     ev.metrics["peak_mem_mb"],
                 ),
                 "distill_peak_mem_mb": di.metrics["peak_mem_mb"],
-                "relabel_peak_mem_mb": rl.metrics.get("peak_mem_mb", math.nan),
+                "relabel_peak_mem_mb": rl.metrics.get("peak_mem_mb", math.nan) if rl else math.nan,
                 "eval_peak_mem_mb": ev.metrics["peak_mem_mb"],
                 "images_per_second": di.metrics["images_per_second"],
-                "relabel_seconds": rl.metrics["relabel_seconds"],
-                "label_bytes": rl.metrics["label_bytes"],
+                "relabel_seconds": rl.metrics["relabel_seconds"] if rl else 0.0,
+                "label_bytes": rl.metrics["label_bytes"] if rl else 0.0,
                 "eval_seconds": ev.metrics["eval_seconds"],
                 "phase_seconds": _phases(di.metrics),
                 "protocol_hash": ev.tags["protocol_hash"],
@@ -312,7 +369,9 @@ def _phases(metrics: dict[str, float]) -> str:
     """A method's own timing breakdown (``time_<phase>_seconds`` metrics of its distill run),
     e.g. ``features 1.2; barycenters 0.3; bn_stats 0.8; optimise 40.1``."""
     phases = sorted(
-        (k[5:-8], v) for k, v in metrics.items() if k.startswith("time_") and k.endswith("_seconds")
+        (k[5:-8], v)
+        for k, v in metrics.items()
+        if k.startswith("time_") and k.endswith("_seconds")  # the cell's (mean over sets)
     )
     return "; ".join(f"{name} {v:.1f}" for name, v in phases)
 
@@ -332,26 +391,62 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _fmt_n(r) -> str:
+    """``3 × 2`` (sets × eval seeds), marking a one-set cell's spread as over seeds."""
+    return f"{int(r.sets)} × {int(r.eval_seeds)}" + (" †" if int(r.sets) == 1 else "")
+
+
 def _accuracy_table(df: pd.DataFrame) -> list[str]:
-    ipcs = sorted(df.ipc.unique())
+    """Per method and IPC: the soft- and hard-label accuracies side by side and what the
+    teacher's labels add (soft minus hard, points)."""
     rows = []
-    for method, g in df.groupby("method", sort=False):
-        by_ipc = {r.ipc: r for r in g.itertuples()}
-        rows.append(
-            [f"`{method}`"]
-            + [
-                _fmt_acc(by_ipc[k].top1_mean, by_ipc[k].top1_std, by_ipc[k].seeds)
-                if k in by_ipc
-                else "-"
-                for k in ipcs
-            ]
-        )
-    return _table(["method"] + [f"IPC {k}" for k in ipcs], rows)
+    for (method, ipc), g in df.groupby(["method", "ipc"], sort=False):
+        by = {r.protocol: r for r in g.itertuples()}
+        soft, hard = by.get("soft"), by.get("hard")
+        cells = [
+            _fmt_acc(r.top1_mean, r.top1_std, int(r.seeds)) if r is not None else "-"
+            for r in (soft, hard)
+        ]
+        adds = f"{soft.top1_mean - hard.top1_mean:+.1f}" if soft and hard else "-"
+        rows.append([f"`{method}`", str(ipc), *cells, adds, _fmt_n(soft or hard)])
+    return _table(
+        ["method", "IPC", "soft labels (teacher)", "hard labels", "the teacher's labels add",
+         "sets × eval seeds"],
+        rows,
+    )  # fmt: skip
+
+
+def comparison_sentence(r, random_n: int | None = None) -> str:
+    """One generated sentence on a method against the random subset (same protocol): the
+    gap, its 95% interval and whether it is significant, with the n behind it."""
+    where = f"`{r.method}` vs `random` at IPC {r.ipc} ({r.protocol} labels)"
+    if math.isnan(r.welch_p):
+        return (f"{where}: {r.gain_vs_random:+.1f} points; no interval (one value on a side, "
+                "so no noise estimate).")  # fmt: skip
+    verdict = "significant" if r.welch_p < 0.05 else "not significant"
+    side = "better" if r.gain_vs_random > 0 else "worse"
+    claim = f"{r.method} is {side} than random" if r.welch_p < 0.05 else "no difference shown"
+    return (
+        f"{where}: {r.gain_vs_random:+.1f} points, 95% interval "
+        f"[{r.gain_ci_low:+.1f}, {r.gain_ci_high:+.1f}] (Welch on {int(r.seeds)} "
+        f"{'per-set means' if r.std_over == 'sets' else 'eval seeds of its one set'} vs "
+        f"random's {random_n if random_n is not None else '?'}), "
+        f"{verdict} at α = 0.05 (p = {_fmt_p(r.welch_p)}): {claim}."
+    )
 
 
 def _gain_table(df: pd.DataFrame) -> list[str]:
     rows = [
-        [f"`{r.method}`", str(r.ipc), f"{r.gain_vs_random:+.1f}", _fmt_p(r.welch_p)]
+        [
+            f"`{r.method}`",
+            str(r.ipc),
+            r.protocol,
+            f"{r.gain_vs_random:+.1f}",
+            "n/a"
+            if math.isnan(r.gain_ci_low)
+            else f"[{r.gain_ci_low:+.1f}, {r.gain_ci_high:+.1f}]",
+            _fmt_p(r.welch_p),
+        ]
         for r in df.itertuples()
         if r.method != "random" and not math.isnan(r.gain_vs_random)
     ]
@@ -359,7 +454,49 @@ def _gain_table(df: pd.DataFrame) -> list[str]:
         if "random" not in set(df.method):
             return ["(no `random` cells in this run: gains are measured against them)"]
         return ["(no method other than `random` in this run)"]
-    return _table(["method", "IPC", "gain over random (points)", "Welch p"], rows)
+    table = _table(
+        ["method", "IPC", "protocol", "gain over random (points)", "95% interval", "Welch p"], rows
+    )
+    random_n = {(r.ipc, r.protocol): int(r.seeds) for r in df.itertuples() if r.method == "random"}
+    sentences = [
+        f"- {comparison_sentence(r, random_n.get((r.ipc, r.protocol)))}"
+        for r in df.itertuples()
+        if r.method != "random" and not math.isnan(r.gain_vs_random) and r.protocol == "soft"
+    ]
+    return table + ["", *sentences]
+
+
+def _drift_notes(df: pd.DataFrame) -> list[str]:
+    """Generated lines for sets whose pixels left the valid range (more than 1% of the
+    values; DM's drift), with the teacher's agreement and the hard-label score beside."""
+    notes = []
+    for r in df[df.protocol == "soft"].itertuples():
+        if r.pixels_outside > 1.0:
+            hard = df[(df.method == r.method) & (df.ipc == r.ipc) & (df.protocol == "hard")]
+            beside = (
+                f"; under hard labels, where no teacher reads the images, it scores "
+                f"{hard.iloc[0].top1_mean:.1f}%"
+                if len(hard)
+                else ""
+            )
+            verdict = (
+                ", so many of its soft labels teach other classes"
+                if r.teacher_agreement < 90
+                else ""
+            )
+            notes.append(
+                f"- `{r.method}` at IPC {r.ipc}: {r.pixels_outside:.1f}% of its pixel values lie "
+                f"outside [0, 1] and the teacher agrees with {r.teacher_agreement:.0f}% of its "
+                f"labels{verdict}{beside}."
+                + (
+                    " DM's embedder normalises each image (instance norm), so its loss ignores "
+                    "an image's scale and every step grows it; faithful to the official code "
+                    '(README "DM\'s drift"; `methods.dm.renorm` is the optional fix).'
+                    if r.method.startswith("dm")
+                    else ""
+                )
+            )
+    return notes
 
 
 def _secondary_table(df: pd.DataFrame) -> list[str]:
@@ -372,8 +509,10 @@ def _secondary_table(df: pd.DataFrame) -> list[str]:
             f"{r.teacher_agreement:.0f}",
             f"{r.teacher_label_prob:.2f}",
             f"{r.pixels_outside:.1f}",
+            "-" if math.isnan(r.barycenter_agreement) else f"{r.barycenter_agreement:.0f}",
+            "-" if math.isnan(r.feature_distance) else f"{r.feature_distance:.2f}",
         ]
-        for r in df.itertuples()
+        for r in df[df.protocol == "soft"].itertuples()
     ]
     return _table(
         [
@@ -384,12 +523,15 @@ def _secondary_table(df: pd.DataFrame) -> list[str]:
             "teacher agrees with the set's labels (%)",
             "teacher prob. of the label",
             "pixels outside [0, 1] (%)",
+            "teacher agrees with the barycenter points (%)",
+            "feature distance to its point (relative)",
         ],
         rows,
     )
 
 
 def _cost_table(df: pd.DataFrame) -> list[str]:
+    hard = {(r.method, r.ipc): r for r in df[df.protocol == "hard"].itertuples()}
     rows = [
         [
             f"`{r.method}`",
@@ -399,10 +541,11 @@ def _cost_table(df: pd.DataFrame) -> list[str]:
             f"{r.relabel_seconds:.1f}",
             f"{r.label_bytes / 2**20:.1f}",
             f"{r.eval_seconds:.1f}",
-            f"{r.peak_mem_mb:.0f}",
+            f"{hard[(r.method, r.ipc)].eval_seconds:.1f}" if (r.method, r.ipc) in hard else "-",
+            f"{max(r.peak_mem_mb, hard[(r.method, r.ipc)].peak_mem_mb) if (r.method, r.ipc) in hard else r.peak_mem_mb:.0f}",
             r.phase_seconds or "-",
         ]
-        for r in df.itertuples()
+        for r in df[df.protocol == "soft"].itertuples()
     ]
     return _table(
         [
@@ -412,7 +555,8 @@ def _cost_table(df: pd.DataFrame) -> list[str]:
             "images/s",
             "relabel s",
             "stored labels MiB",
-            "eval s (all seeds)",
+            "soft eval s (all seeds)",
+            "hard eval s (all seeds)",
             "peak mem MiB",
             "distill phases (s)",
         ],
@@ -455,7 +599,13 @@ def render_markdown(
         "",
         "Generated by `python -m pipelines.report` from the MLflow runs the pipeline "
         "outputs name; do not edit by hand. Headline: final-epoch top-1 (%) on the full "
-        "validation split, mean ± sample std (n eval seeds).",
+        "validation split, mean ± sample std (n). Each cell is distilled several times, from "
+        "its own seed per set, and every set is evaluated with every eval seed; the std and n "
+        "are over the per-set means, so they include the variance of the set itself (which "
+        "images were drawn, which noise the synthesis started from). † marks a cell with one "
+        "set (a deterministic method such as herding): its spread is over eval seeds only. "
+        "Every cell is evaluated under the soft-label protocol (the teacher relabels every "
+        "view) and the hard-label protocol (the images with their class labels alone).",
         "",
         f"- commit(s): {', '.join(f'`{c}`' for c in commits)}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
@@ -464,10 +614,11 @@ def render_markdown(
     for profile, g in df.groupby("profile", sort=False):
         teacher = teachers[profile].data
         first = g.iloc[0]
+        hashes = {r.protocol: r.protocol_hash for r in g.itertuples()}
         out += [
             f"## {profile} — {first.dataset} (budget: {first.budget})",
             "",
-            f"- protocol: `{first.protocol}`-label, hash `{first.protocol_hash}`",
+            "- protocols: " + ", ".join(f"`{k}`-label, hash `{h}`" for k, h in hashes.items()),
             f"- teacher: top-1 {teacher.metrics['val_top1']:.1f}% "
             f"(trained in {teacher.metrics['seconds']:.0f} s, "
             f"peak {teacher.metrics['peak_mem_mb']:.0f} MiB, device "
@@ -478,6 +629,9 @@ def render_markdown(
         out += _published_table(first.dataset, list(g.method.unique()), sorted(g.ipc.unique()))
         out += ["", "Gain over the random real subset under the same protocol:", ""]
         out += _gain_table(g)
+        drift = _drift_notes(g)
+        if drift:
+            out += ["", "Sets the teacher cannot read:", "", *drift]
         out += [
             "",
             "Secondary metrics. The teacher columns are the teacher's verdict on the set's "
@@ -493,7 +647,8 @@ def render_markdown(
 
 
 def plot_accuracy(df: pd.DataFrame, profile: str, out: Path) -> None:
-    """Accuracy vs IPC per method (error bars: sample std over eval seeds)."""
+    """Accuracy vs IPC per method, soft (solid) and hard labels (dotted); error bars: the
+    sample std over sets (over eval seeds for a one-set cell)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,9 +656,13 @@ def plot_accuracy(df: pd.DataFrame, profile: str, out: Path) -> None:
 
     g = df[df.profile == profile]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for method, m in g.groupby("method", sort=False):
+    for (method, protocol), m in g.groupby(["method", "protocol"], sort=False):
         m = m.sort_values("ipc")
-        ax.errorbar(m.ipc, m.top1_mean, yerr=m.top1_std, marker="o", capsize=3, label=method)
+        soft = protocol == "soft"
+        ax.errorbar(
+            m.ipc, m.top1_mean, yerr=m.top1_std, capsize=3, label=f"{method} ({protocol})",
+            linestyle="-" if soft else ":", marker="o" if soft else "s",
+        )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xticks(sorted(g.ipc.unique()), [str(k) for k in sorted(g.ipc.unique())])
     ax.set_xlabel("images per class")
@@ -517,10 +676,10 @@ def plot_accuracy(df: pd.DataFrame, profile: str, out: Path) -> None:
 
 
 def write_accuracy_plots(df: pd.DataFrame, methods: Sequence[str], out_dir: Path) -> None:
-    """``<profile>.csv`` per profile: ``ipc`` and one column of mean top-1 per method (the
-    data of ``dvc plots show``'s accuracy-vs-IPC plot, declared in dvc.yaml)."""
+    """``<profile>.csv`` per profile: ``ipc`` and one column of mean soft-label top-1 per
+    method (the data of ``dvc plots show``'s accuracy-vs-IPC plot, declared in dvc.yaml)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for profile, g in df.groupby("profile", sort=False):
+    for profile, g in df[df.protocol == "soft"].groupby("profile", sort=False):
         table = g.pivot(index="ipc", columns="method", values="top1_mean")
         rows = [
             {"ipc": int(ipc), **{m: float(table.loc[ipc, m]) for m in methods if m in table}}
@@ -530,14 +689,14 @@ def write_accuracy_plots(df: pd.DataFrame, methods: Sequence[str], out_dir: Path
 
 
 def copy_grids(client, cells: list[Cell], figures_dir: Path) -> dict[str, list[str]]:
-    """Copies the preview grids logged by noise-synthesising methods' distill runs."""
+    """Copies the preview grid of set 0 logged by noise-synthesising methods' distill runs."""
     figures: dict[str, list[str]] = {}
     for c in cells:
-        if c.method not in NOISE_SYNTHESISED:
+        if c.method not in NOISE_SYNTHESISED or c.protocol != "soft":
             continue
         name = f"{c.profile}_{c.method}_ipc{c.ipc}.png"
         with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(c.distill.info.run_id, "preview.png", tmp)
+            local = client.download_artifacts(c.distill.info.run_id, "set0/preview.png", tmp)
             shutil.copy(local, figures_dir / name)
         figures.setdefault(c.profile, []).append(f"figures/{name}")
     return figures

@@ -1,8 +1,9 @@
 r"""Did a change move any number? Two results tables, cell by cell, against their noise.
 
-For every (profile, method, IPC) in both tables the new mean top-1 is compared with the
-base mean by Welch's t-test on the summary statistics (means, sample stds and numbers of
-eval seeds, the columns of ``reports/results.csv``):
+For every (profile, method, IPC, protocol) in both tables the new mean top-1 is compared
+with the base mean by Welch's t-test on the summary statistics (means, sample stds and their
+n, the columns of ``reports/results.csv``: n is the number of distilled sets, or of eval
+seeds for a cell with one set):
 
 .. math::
 
@@ -26,12 +27,12 @@ from dataclasses import dataclass
 import pandas as pd
 from scipy import stats
 
-KEY = ["profile", "method", "ipc"]
+KEY = ["profile", "method", "ipc", "protocol"]
 
 
 @dataclass(frozen=True)
 class Verdict:
-    cell: tuple[str, str, int]
+    cell: tuple[str, str, int, str]  # profile, method, ipc, protocol
     base: str  # "mean ± std (n)"
     new: str
     diff: float  # new - base, points
@@ -57,14 +58,40 @@ def welch_summary(
     return se, float(2 * stats.t.sf(abs(t), dof))
 
 
+def welch_interval(
+    a: list[float], b: list[float], *, level: float = 0.95
+) -> tuple[float, float, float, float]:
+    """``mean(a) - mean(b)``, its ``level`` confidence interval (Welch-Satterthwaite degrees
+    of freedom) and the two-sided Welch p; the interval and p are nan when either side has
+    fewer than 2 values (no noise estimate), and the interval is the point when neither
+    side varies."""
+    diff = sum(a) / len(a) - sum(b) / len(b)
+    if len(a) < 2 or len(b) < 2:
+        return diff, math.nan, math.nan, math.nan
+    va, vb = stats.tvar(a) / len(a), stats.tvar(b) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, diff, diff, (1.0 if diff == 0 else 0.0)
+    dof = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
+    return diff, diff - half, diff + half, float(2 * stats.t.sf(abs(diff) / se, dof))
+
+
 def _fmt(row) -> str:
     return f"{row.top1_mean:.2f} ± {row.top1_std:.2f} ({int(row.seeds)})"
+
+
+def with_protocol(table: pd.DataFrame) -> pd.DataFrame:
+    """A results table with its ``protocol`` column (tables written before every cell had
+    both protocols evaluated one, the soft-label protocol, and may lack the column)."""
+    return table if "protocol" in table else table.assign(protocol="soft")
 
 
 def compare_tables(
     base: pd.DataFrame, new: pd.DataFrame, *, alpha: float = 0.05, max_regression: float = 1.0
 ) -> list[Verdict]:
     """The verdict of every cell present in both tables, in the new table's order."""
+    base, new = with_protocol(base), with_protocol(new)
     base_rows = {tuple(r[k] for k in KEY): r for _, r in base.iterrows()}
     out = []
     for _, n in new.iterrows():
@@ -101,6 +128,7 @@ def unmatched(base: pd.DataFrame, new: pd.DataFrame) -> list[str]:
     """Lines saying which cells only one table has, and which provenance columns
     (``versions``, ``machine``) one side does not record, so that nothing is left out
     silently."""
+    base, new = with_protocol(base), with_protocol(new)
     cells = {side: {tuple(r) for r in df[KEY].itertuples(index=False)} for side, df in (("base", base), ("new", new))}  # fmt: skip
     lines = []
     for side, other in (("base", "new"), ("new", "base")):
@@ -131,14 +159,14 @@ def render(
         f"Comparison of `{new_name}` against `{base_name}` (top-1 %, mean ± sample std (n)): {summary}.",
         "",
         *([*(f"- {line}" for line in extra), ""] if extra else []),
-        "| profile | method | IPC | base | new | diff | noise (SE) | Welch p | verdict | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| profile | method | IPC | protocol | base | new | diff | noise (SE) | Welch p | verdict | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in verdicts:
         se = "n/a" if math.isnan(v.noise) else f"{v.noise:.2f}"
         p = "n/a" if math.isnan(v.p) else (f"{v.p:.3f}" if v.p >= 1e-3 else f"{v.p:.1e}")
         lines.append(
-            f"| {v.cell[0]} | `{v.cell[1]}` | {v.cell[2]} | {v.base} | {v.new} | {v.diff:+.2f} | "
+            f"| {v.cell[0]} | `{v.cell[1]}` | {v.cell[2]} | {v.cell[3]} | {v.base} | {v.new} | {v.diff:+.2f} | "
             f"{se} | {p} | {v.verdict} | {v.notes or '-'} |"
         )
     return "\n".join(lines) + "\n"

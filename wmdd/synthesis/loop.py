@@ -353,17 +353,20 @@ def _optimise_batch(
     device: torch.device,
     resume: dict | None = None,
     on_iteration: Callable[[Callable[[], dict]], None] | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """Adam + cosine lr + clamp on one batch from ``x0``; returns the last iterate and loss.
+) -> tuple[Tensor, dict[str, float], list[dict[str, float]]]:
+    """Adam + cosine lr + clamp on one batch from ``x0``; returns the last iterate, its loss
+    components and every iteration's components (the batch's loss curve).
 
     ``resume`` (a state ``on_iteration`` was given) continues an interrupted batch exactly:
-    iterate, Adam state, augmentation generator and iteration count. ``on_iteration``
-    receives, after every step, a callable building that state (called only when saved).
+    iterate, Adam state, augmentation generator, iteration count and curve so far.
+    ``on_iteration`` receives, after every step, a callable building that state (called
+    only when saved).
     """
     x = x0.to(device).requires_grad_(True)  # (b, C, H, W); clamped after each step, not before
     opt = torch.optim.Adam([x], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     gen = generator(seed, "aug", *batch.key)
     components: dict[str, float] = {}
+    history: list[dict[str, float]] = []
     first = 0
     if resume is not None:
         with torch.no_grad():
@@ -371,6 +374,7 @@ def _optimise_batch(
         opt.load_state_dict(resume["optimizer"])
         gen.set_state(resume["generator"])
         first, components = resume["t"], resume["components"]
+        history = list(resume.get("history", []))
     for t in range(first, cfg.iterations):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cosine_factor(t, cfg.iterations)
@@ -387,6 +391,7 @@ def _optimise_batch(
         with torch.no_grad():
             x.clamp_(*bounds)
         components = {**components, "loss": float(loss.detach())}
+        history.append(components)
         if on_iteration is not None:
 
             def snapshot(done: int = t + 1, comps: dict[str, float] = components) -> dict:
@@ -396,10 +401,11 @@ def _optimise_batch(
                     "optimizer": opt.state_dict(),
                     "generator": gen.get_state(),
                     "components": comps,
+                    "history": list(history),
                 }
 
             on_iteration(snapshot)
-    return x.detach().cpu(), components
+    return x.detach().cpu(), components, history
 
 
 def _sorted_by_class_slot(
@@ -453,7 +459,10 @@ def synthesize(
         ``(images (N, C, H, W) float32 CPU, labels (N,) int64, stats)`` sorted by (class, slot);
         stats: ``iterations``, ``final_loss`` (mean over batches of the last iteration's loss),
         ``final_components`` (same, per component), ``batch_keys`` / ``batch_finals`` (each
-        batch's last losses, by batch key; see :func:`wmdd.synthetic_set.final_loss_stats`), ``optimise_seconds``.
+        batch's last losses, by batch key; see :func:`wmdd.synthetic_set.final_loss_stats`),
+        ``curve_sum`` / ``curve_batches`` / ``curve_names`` (every iteration's loss components
+        summed over batches, (T, K), the number of batches and the K names: the mean batch's
+        loss curve, which the distill stage logs to MLflow), ``optimise_seconds``.
 
     Raises:
         ValueError: On an empty batch list, non-square shape, missing ``real_init`` or pixel
@@ -472,9 +481,11 @@ def synthesize(
     start = time.perf_counter()
     outputs: list[Tensor] = []
     finals: list[dict[str, float]] = []
+    curves: list[Tensor] = []  # per batch (T, K): every iteration's loss components
     partial = None
     if checkpoint is not None and (state := checkpoint.load()) is not None:
         outputs, finals, partial = state["outputs"], state["finals"], state["partial"]
+        curves = state.get("curves", [])
 
     def save(current: int, batch_state: Callable[[], dict] | None) -> None:
         if checkpoint is None:
@@ -484,7 +495,8 @@ def synthesize(
             part = batch_state() if batch_state is not None else None
             step = f"iteration {part['t']}" if part else "start"
             where = f"batch {current + 1} of {len(batches)}, {step}"
-            return {"where": where, "outputs": outputs, "finals": finals, "partial": part}
+            return {"where": where, "outputs": outputs, "finals": finals, "partial": part,
+                    "curves": curves}  # fmt: skip
 
         checkpoint.step(state)
 
@@ -493,7 +505,7 @@ def synthesize(
         if index < len(outputs):  # finished before an interruption
             continue
         x0 = _init_batch(batch, shape, seed, real_init if cfg.init == "real" else None)
-        x, final = _optimise_batch(
+        x, final, history = _optimise_batch(
             batch,
             loss_fn=loss_fn,
             cfg=cfg,
@@ -507,6 +519,8 @@ def synthesize(
         partial = None
         outputs.append(x)
         finals.append(final)
+        names = sorted(final)
+        curves.append(torch.tensor([[h[k] for k in names] for h in history], dtype=torch.float64))
         save(index + 1, None)
         bar.update(1)
         bar.set_postfix(loss=f"{final['loss']:.4g}")
@@ -520,6 +534,11 @@ def synthesize(
     keys = [list(b.key) for b in batches]
     stats = {
         **final_loss_stats(keys, finals),
+        # The loss curve summed over batches, (T, K) with K = curve_names; divided by
+        # curve_batches it is the mean batch's curve (shards add both: SUMMED_AUX).
+        "curve_sum": torch.stack(curves).sum(dim=0),
+        "curve_batches": torch.tensor(float(len(curves))),
+        "curve_names": sorted(finals[0]),
         "iterations": cfg.iterations,
         "optimise_seconds": time.perf_counter() - start,
     }

@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from importlib import metadata
@@ -142,6 +143,31 @@ def log_dataset(mlflow: Any, data_dir: Path, context: str) -> None:
 
 
 CELL_TAGS = ("dataset", "method", "ipc", "classes", "eval_seed")  # with ``stage``: a cell (part)
+
+
+def log_curves(
+    mlflow: Any, curves: dict[str, Any], *, steps: Any = None, max_points: int = 100
+) -> None:
+    """Logs per-iteration curves (name -> 1-D sequence, all of one length T) as MLflow
+    metrics with ``step`` = iteration, at most ``max_points`` evenly spaced steps each (the
+    last always), in one batch call; the MLflow UI draws them as charts."""
+    from mlflow.entities import Metric
+
+    if not curves:
+        return
+    length = len(next(iter(curves.values())))
+    stride = max(1, -(-length // max_points))
+    chosen = sorted(set(range(0, length, stride)) | {length - 1}) if length else []
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(name, float(values[t]), now, int(steps[t]) if steps is not None else t + 1)
+        for name, values in curves.items()
+        for t in chosen
+    ]
+    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+    for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+        chunk = metrics[start : start + 1000]
+        retrying(functools.partial(client.log_batch, run_id, metrics=chunk))
 
 
 def mark_dead_runs(client: Any, experiment_id: str, stage: str, tags: dict[str, str]) -> list[str]:
