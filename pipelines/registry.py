@@ -223,7 +223,8 @@ def resolve_method(params: Params, method: str, profile: str) -> tuple[MethodSpe
 
 def validate_method(params: Params, method: str) -> None:
     """Parses ``methods.<method>`` for every profile, so a typo in any profile's override
-    fails before the method runs."""
+    fails before the method runs (its ``sets`` too)."""
+    method_sets(params, method)
     for profile in params.datasets:
         method_config(params, method, profile)
 
