@@ -656,12 +656,13 @@ def plot_accuracy(df: pd.DataFrame, profile: str, out: Path) -> None:
 
     g = df[df.profile == profile]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    colours = {m: f"C{i % 10}" for i, m in enumerate(g.method.unique())}  # one per method
     for (method, protocol), m in g.groupby(["method", "protocol"], sort=False):
         m = m.sort_values("ipc")
         soft = protocol == "soft"
         ax.errorbar(
             m.ipc, m.top1_mean, yerr=m.top1_std, capsize=3, label=f"{method} ({protocol})",
-            linestyle="-" if soft else ":", marker="o" if soft else "s",
+            linestyle="-" if soft else ":", marker="o" if soft else "s", color=colours[method],
         )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xticks(sorted(g.ipc.unique()), [str(k) for k in sorted(g.ipc.unique())])
