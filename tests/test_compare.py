@@ -86,7 +86,10 @@ def test_welch_interval_matches_scipy_and_covers_the_difference() -> None:
     assert diff == pytest.approx(sum(a) / 3 - sum(b) / 5)
     ci = ref.confidence_interval(0.95)
     assert (lo, hi) == (pytest.approx(ci.low, rel=1e-9), pytest.approx(ci.high, rel=1e-9))
-    assert math.isnan(welch_interval([1.0], b)[1])
+    # No noise estimate: fewer than 2 values on a side, or no spread on either side.
+    for x, y in (([1.0], b), (b, [1.0]), ([40.0, 40.0], [50.0, 50.0, 50.0])):
+        assert all(math.isnan(v) for v in welch_interval(x, y)[1:])
+    assert welch_interval([40.0, 40.0], [50.0, 50.0])[0] == pytest.approx(-10.0)
 
 
 def test_render_is_a_markdown_table_with_a_summary() -> None:

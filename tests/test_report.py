@@ -48,7 +48,6 @@ from wmdd.report.benchmark import (
     copy_grids,
     render_markdown,
     results_frame,
-    welch,
 )
 from wmdd.tracking.runs import package_versions
 from wmdd.utils import file_digest, read_json, write_json
@@ -794,40 +793,6 @@ def test_relabel_peak_memory_is_reported_under_soft_labels_only(collected) -> No
     _, _, df = collected
     assert (df[df.protocol == "soft"].peak_mem_mb >= RELABEL_PEAK_MB).all()
     assert (df[df.protocol == "hard"].peak_mem_mb < RELABEL_PEAK_MB).all()
-
-
-# --- welch -----------------------------------------------------------------------------
-
-
-def test_welch_known_answer_and_symmetry() -> None:
-    a, b = [30.0, 33.0, 36.0], [20.0, 22.0, 24.0]
-    assert welch(a, b) == pytest.approx(0.008962770427501474, rel=1e-9)
-    assert welch(b, a) == pytest.approx(welch(a, b), rel=1e-12)
-    assert welch(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    # Unequal sizes and variances: scipy's Welch test is the reference.
-    c, d = [61.0, 64.5, 59.0, 66.0, 62.5], [55.0, 58.0, 50.0]
-    assert welch(c, d) == pytest.approx(stats.ttest_ind(c, d, equal_var=False).pvalue)
-    assert welch(c, d) != pytest.approx(stats.ttest_ind(c, d, equal_var=True).pvalue)
-
-
-@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")
-def test_welch_identical_samples() -> None:
-    assert welch([40.0, 42.0, 47.0], [40.0, 42.0, 47.0]) == pytest.approx(1.0)
-    assert math.isnan(welch([40.0, 40.0, 40.0], [40.0, 40.0, 40.0]))  # 0 / 0
-
-
-@pytest.mark.parametrize(
-    ("a", "b"),
-    [([50.0], [40.0, 41.0, 42.0]), ([40.0, 41.0, 42.0], [50.0]), ([50.0], [40.0]), ([], [])],
-)
-def test_welch_is_nan_below_two_seeds(a: list[float], b: list[float]) -> None:
-    """Documented: nan when n < 2 on either side (the report prints it as n/a)."""
-    assert math.isnan(welch(a, b))
-
-
-@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")
-def test_welch_is_nan_for_zero_variance() -> None:
-    assert math.isnan(welch([40.0, 40.0, 40.0], [50.0, 50.0, 50.0]))
 
 
 # --- render_markdown -------------------------------------------------------------------

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from scipy import stats
 
 from wmdd import paths
 from wmdd.report.compare import welch_interval
@@ -280,16 +279,6 @@ def collect_cells(
                         )  # fmt: skip
                     )
     return cells, teachers
-
-
-def welch(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided Welch t-test p-value (nan when undefined, e.g. n < 2 or zero variance)."""
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    if statistics.pvariance(a) == 0.0 and statistics.pvariance(b) == 0.0:
-        return math.nan  # t = +-inf or 0/0: no test without any spread
-    p = stats.ttest_ind(a, b, equal_var=False).pvalue
-    return float(p)
 
 
 def _method_label(method: str, distill_params: dict[str, str]) -> str:

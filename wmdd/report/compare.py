@@ -62,16 +62,15 @@ def welch_interval(
     a: list[float], b: list[float], *, level: float = 0.95
 ) -> tuple[float, float, float, float]:
     """``mean(a) - mean(b)``, its ``level`` confidence interval (Welch-Satterthwaite degrees
-    of freedom) and the two-sided Welch p; the interval and p are nan when either side has
-    fewer than 2 values (no noise estimate), and the interval is the point when neither
-    side varies."""
+    of freedom) and the two-sided Welch p; the interval and p are nan when there is no noise
+    estimate: fewer than 2 values on a side, or no spread on either side."""
     diff = sum(a) / len(a) - sum(b) / len(b)
     if len(a) < 2 or len(b) < 2:
         return diff, math.nan, math.nan, math.nan
     va, vb = stats.tvar(a) / len(a), stats.tvar(b) / len(b)
     se = math.sqrt(va + vb)
-    if se == 0:
-        return diff, diff, diff, (1.0 if diff == 0 else 0.0)
+    if se == 0:  # t = +-inf or 0/0: no test without any spread
+        return diff, math.nan, math.nan, math.nan
     dof = (va + vb) ** 2 / (va * va / (len(a) - 1) + vb * vb / (len(b) - 1))
     half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
     return diff, diff - half, diff + half, float(2 * stats.t.sf(abs(diff) / se, dof))
