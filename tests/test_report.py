@@ -78,7 +78,10 @@ HAND_SET_MEANS = {
     ("digits", "wmdd", 1, "soft"): (30.0, 33.0, 36.0),  # mean 33, sample std 3
 }
 WMDD_PHASES = {"features": 1.23, "barycenters": 0.31, "bn_stats": 0.84, "optimise": 40.06}
-PHASE_OFFSETS = (-0.2, 0.0, 0.2)  # per set: the cell's mean is WMDD_PHASES, set 0's is not
+PHASE_OFFSETS = (-0.2, 0.0, 0.2)
+IMAGE_BYTES = (
+    10 * 3 * 32 * 32 * 4
+)  # one set's images per IPC, as set.pt stores them  # per set: the cell's mean is WMDD_PHASES, set 0's is not
 
 
 def _set_means(profile: str, method: str, ipc: int, protocol: str) -> tuple[float, ...]:
@@ -143,6 +146,7 @@ def _stage_tags(profile: str, stage: str, **extra) -> dict[str, str]:
         "git_commit": COMMIT,
         "git_dirty": "false",
         "device": "cpu:2 cores (x86_64)",
+        "threads": "1",
         "version.torch": "2.0.0",
         "dataset": profile,
         "budget": prof.budget,
@@ -241,6 +245,7 @@ def _distill(client: MlflowClient, exp_id: str, tree: Tree, cell: tuple[str, str
             "peak_mem_mb": 100.0 + 100 * mi + 10 * s,  # above the soft eval peak for dm+
             "images": 10 * ipc,
             "images_per_second": 10 * ipc / seconds,
+            "image_bytes": IMAGE_BYTES * ipc,  # 10 classes x ipc images of 3 x 32 x 32 float32
         }
         folder = paths.set_dir(out, s)
         folder.mkdir(parents=True)
@@ -993,15 +998,29 @@ def test_secondary_and_cost_tables_show_soft_rows(tree: Tree, markdown) -> None:
         rows = _table_rows(table)
         assert [r[: len(g)] for r, g in zip(rows, grid, strict=True)] == grid
     assert (
-        "| method | IPC | distill s | images/s | relabel s | stored labels MiB | "
-        "soft eval s (all seeds) | hard eval s (all seeds) | peak mem MiB | distill phases (s) |"
+        "| method | IPC | distill s (one set) | images/s | distilled on | "
+        "images MiB (one set, as stored) | soft labels MiB (one student) | "
+        "storage MiB (images + labels) | relabel s (one set) | soft eval s (all seeds) | "
+        "hard eval s (all seeds) | peak mem MiB | distill phases (s) |"
     ) in cost
-    # wmdd, IPC 1: sets of 7, 8 and 9 s; 0.5 s relabelling of 49860 B; 25 s soft, 7 s hard.
+    # wmdd, IPC 1: sets of 7, 8 and 9 s; 120 KiB of images; 0.5 s relabelling of 49860 B
+    # for 2 eval seeds (24930 B per student); 25 s soft, 7 s hard.
     ips = statistics.fmean(10 / s for s in (7.0, 8.0, 9.0))
+    storage = (IMAGE_BYTES + 49860 / len(EVAL_SEEDS)) / 2**20
     assert (
-        f"| `wmdd` | 1 | 8.0 | {ips:.2f} | 0.5 | 0.0 | 25.0 | 7.0 | {RELABEL_PEAK_MB:.0f} | "
+        f"| `wmdd` | 1 | 8.0 | {ips:.2f} | cpu:2 cores (x86_64), 1 thr. | 0.12 | 0.02 | "
+        f"{storage:.2f} | 0.5 | 25.0 | 7.0 | {RELABEL_PEAK_MB:.0f} | "
         "barycenters 0.3; bn_stats 0.8; features 1.2; optimise 40.1 |"
     ) in cost
+
+
+def test_storage_is_one_sets_images_plus_one_students_labels(collected) -> None:
+    _, _, df = collected
+    soft, hard = _row(df, "digits", "wmdd", 10), _row(df, "digits", "wmdd", 10, "hard")
+    assert soft.image_bytes == hard.image_bytes == IMAGE_BYTES * 10
+    assert soft.storage_bytes == IMAGE_BYTES * 10 + 49860 * 10 / len(EVAL_SEEDS)
+    assert hard.storage_bytes == IMAGE_BYTES * 10  # no labels to store under hard labels
+    assert (soft.distill_device, soft.distill_threads) == ("cpu:2 cores (x86_64)", "1")
 
 
 # --- pipelines.report ------------------------------------------------------------------
@@ -1088,7 +1107,7 @@ def test_main_writes_report_csv_and_figures(tree: Tree, client, collected, works
     # Figures: accuracy per profile, grids of noise-synthesised methods only; the stale grid
     # of a real-image method is gone.
     noise = [(p, m, k) for p, m, k in CELLS if m in NOISE_SYNTHESISED]
-    expected = {f"{p}_accuracy.png" for p in PROFILES} | {
+    expected = {f"{p}_{kind}.png" for p in PROFILES for kind in ("accuracy", "cost")} | {
         f"{p}_{m}_ipc{k}.png" for p, m, k in noise
     }
     assert {f.name for f in (reports / "figures").iterdir()} == expected
@@ -1098,9 +1117,11 @@ def test_main_writes_report_csv_and_figures(tree: Tree, client, collected, works
     for p in PROFILES:
         with Image.open(reports / "figures" / f"{p}_accuracy.png") as img:
             assert img.format == "PNG" and img.size == (600, 420)  # 5 x 3.5 in at 120 dpi
+        with Image.open(reports / "figures" / f"{p}_cost.png") as img:
+            assert img.format == "PNG" and img.size == (1080, 432)  # 9 x 3.6 in at 120 dpi
     # The Markdown: exactly what render_markdown gives for these runs and figures.
     figures = {
-        p: [f"figures/{p}_accuracy.png"]
+        p: [f"figures/{p}_accuracy.png", f"figures/{p}_cost.png"]
         + [f"figures/{p}_{m}_ipc{k}.png" for q, m, k in noise if q == p]
         for p in PROFILES
     }

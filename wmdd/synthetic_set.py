@@ -56,6 +56,11 @@ class SyntheticSet:
         if not torch.isfinite(self.images).all():
             raise FloatingPointError("synthetic set contains non-finite pixels")
 
+    def image_bytes(self) -> int:
+        """Bytes of the images (and per-image weights) as :meth:`save` stores them."""
+        weights = 0 if self.weights is None else self.weights.numel() * self.weights.element_size()
+        return self.images.numel() * self.images.element_size() + weights
+
     def save(self, path: Path) -> None:
         torch.save(
             {
@@ -145,7 +150,9 @@ def run_method(
     **kwargs: Any,
 ) -> tuple[SyntheticSet, dict[str, float]]:
     """Runs a method and measures it: ``(set, metrics)`` with ``distill_seconds``,
-    ``peak_mem_mb``, ``images``, ``images_per_second`` and the method's own phase timings
+    ``peak_mem_mb``, ``images``, ``images_per_second``, ``image_bytes`` (the images as
+    ``set.pt`` stores them: float32, with the per-image weights if any) and the method's own
+    phase timings
     (``aux["timings"]``, popped) as ``time_<phase>_seconds``. ``checkpoint`` (a
     :class:`wmdd.checkpoint.Checkpointer`) is passed to methods that take one (the long
     optimisations: WMDD, SRe2L, DM)."""
@@ -162,6 +169,7 @@ def run_method(
         "peak_mem_mb": peak_memory_mb(device),
         "images": len(synthetic.labels),
         "images_per_second": len(synthetic.labels) / max(seconds, 1e-9),
+        "image_bytes": float(synthetic.image_bytes()),
     }
 
 

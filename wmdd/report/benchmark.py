@@ -114,6 +114,10 @@ CSV_COLUMNS = [
     "images_per_second",
     "relabel_seconds",
     "label_bytes",
+    "image_bytes",
+    "storage_bytes",
+    "distill_device",
+    "distill_threads",
     "eval_seconds",
     "phase_seconds",
     "protocol_hash",
@@ -340,6 +344,10 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
                 "images_per_second": di.metrics["images_per_second"],
                 "relabel_seconds": rl.metrics["relabel_seconds"] if rl else 0.0,
                 "label_bytes": rl.metrics["label_bytes"] if rl else 0.0,
+                "image_bytes": di.metrics.get("image_bytes", math.nan),
+                "storage_bytes": _storage_bytes(di, rl, c.per_set),
+                "distill_device": di.tags.get("device", ""),
+                "distill_threads": di.tags.get("threads", ""),
                 "eval_seconds": ev.metrics["eval_seconds"],
                 "phase_seconds": _phases(di.metrics),
                 "protocol_hash": ev.tags["protocol_hash"],
@@ -352,6 +360,18 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
+
+
+def _storage_bytes(distill, relabel, per_set: dict[int, list[float]]) -> float:
+    """What one student of the cell needs stored: one set's images (as ``set.pt`` holds
+    them) plus, under the soft-label protocol, the soft labels of one eval seed (the relabel
+    run's ``label_bytes`` cover every eval seed of a set; nothing when labels are computed
+    online). NaN for a distill run from before ``image_bytes`` was logged."""
+    images = distill.metrics.get("image_bytes", math.nan)
+    if relabel is None:
+        return images
+    seeds = len(next(iter(per_set.values())))
+    return images + relabel.metrics["label_bytes"] / seeds
 
 
 def _phases(metrics: dict[str, float]) -> str:
@@ -519,31 +539,47 @@ def _secondary_table(df: pd.DataFrame) -> list[str]:
     )
 
 
+def _mib(nbytes: float) -> str:
+    return "-" if math.isnan(nbytes) else f"{nbytes / 2**20:.2f}"
+
+
 def _cost_table(df: pd.DataFrame) -> list[str]:
+    """Per method and IPC: what the set cost to make (seconds, on which device and threads)
+    and to store (one set's images as stored, and one student's soft labels), and what
+    relabelling and evaluating it cost."""
     hard = {(r.method, r.ipc): r for r in df[df.protocol == "hard"].itertuples()}
-    rows = [
-        [
-            f"`{r.method}`",
-            str(r.ipc),
-            f"{r.distill_seconds:.1f}",
-            f"{r.images_per_second:.2f}",
-            f"{r.relabel_seconds:.1f}",
-            f"{r.label_bytes / 2**20:.1f}",
-            f"{r.eval_seconds:.1f}",
-            f"{hard[(r.method, r.ipc)].eval_seconds:.1f}" if (r.method, r.ipc) in hard else "-",
-            f"{max(r.peak_mem_mb, hard[(r.method, r.ipc)].peak_mem_mb) if (r.method, r.ipc) in hard else r.peak_mem_mb:.0f}",
-            r.phase_seconds or "-",
-        ]
-        for r in df[df.protocol == "soft"].itertuples()
-    ]
+    rows = []
+    for r in df[df.protocol == "soft"].itertuples():
+        h = hard.get((r.method, r.ipc))
+        seeds = int(r.eval_seeds)
+        rows.append(
+            [
+                f"`{r.method}`",
+                str(r.ipc),
+                f"{r.distill_seconds:.1f}",
+                f"{r.images_per_second:.2f}",
+                f"{r.distill_device or '?'}, {r.distill_threads or '?'} thr.",
+                _mib(r.image_bytes),
+                _mib(r.label_bytes / seeds),
+                _mib(r.storage_bytes),
+                f"{r.relabel_seconds:.1f}",
+                f"{r.eval_seconds:.1f}",
+                f"{h.eval_seconds:.1f}" if h is not None else "-",
+                f"{max(r.peak_mem_mb, h.peak_mem_mb) if h is not None else r.peak_mem_mb:.0f}",
+                r.phase_seconds or "-",
+            ]
+        )
     return _table(
         [
             "method",
             "IPC",
-            "distill s",
+            "distill s (one set)",
             "images/s",
-            "relabel s",
-            "stored labels MiB",
+            "distilled on",
+            "images MiB (one set, as stored)",
+            "soft labels MiB (one student)",
+            "storage MiB (images + labels)",
+            "relabel s (one set)",
             "soft eval s (all seeds)",
             "hard eval s (all seeds)",
             "peak mem MiB",
@@ -665,6 +701,43 @@ def plot_accuracy(df: pd.DataFrame, profile: str, out: Path) -> None:
     plt.close(fig)
 
 
+def plot_cost(df: pd.DataFrame, profile: str, out: Path) -> None:
+    """Accuracy against storage (one set's images plus one student's soft labels; images
+    alone under hard labels) and against distillation time, every method and IPC: soft
+    labels filled, hard labels hollow; the IPC is written beside each point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = df[df.profile == profile]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120, sharey=True)
+    colours = {m: f"C{i % 10}" for i, m in enumerate(g.method.unique())}
+    for ax, column, xlabel in (
+        (axes[0], "storage_bytes", "storage per student (MiB, log)"),
+        (axes[1], "distill_seconds", "distillation time per set (s, log)"),
+    ):
+        for (method, protocol), m in g.groupby(["method", "protocol"], sort=False):
+            x = m[column] / (2**20 if column == "storage_bytes" else 1)
+            soft = protocol == "soft"
+            ax.scatter(
+                x.clip(lower=1e-3), m.top1_mean, label=f"{method} ({protocol})",
+                color=colours[method], marker="o" if soft else "s",
+                facecolors=colours[method] if soft else "none",
+            )  # fmt: skip
+            for xi, yi, k in zip(x.clip(lower=1e-3), m.top1_mean, m.ipc, strict=True):
+                ax.annotate(str(k), (xi, yi), textcoords="offset points", xytext=(4, 2), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{profile} ({g.iloc[0].budget}): accuracy against cost; labels: IPC", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, metadata={"Software": None})
+    plt.close(fig)
+
+
 def write_accuracy_plots(df: pd.DataFrame, methods: Sequence[str], out_dir: Path) -> None:
     """``<profile>.csv`` per profile: ``ipc`` and one column of mean soft-label top-1 per
     method (the data of ``dvc plots show``'s accuracy-vs-IPC plot, declared in dvc.yaml)."""
@@ -709,7 +782,11 @@ def write_report(
         figures = copy_grids(client, cells, fig_dir)
         for profile in profiles:
             plot_accuracy(df, profile, fig_dir / f"{profile}_accuracy.png")
-            figures.setdefault(profile, []).insert(0, f"figures/{profile}_accuracy.png")
+            plot_cost(df, profile, fig_dir / f"{profile}_cost.png")
+            figures.setdefault(profile, [])[:0] = [
+                f"figures/{profile}_accuracy.png",
+                f"figures/{profile}_cost.png",
+            ]
     with atomic_dir(out / "plots") as plots_dir:
         write_accuracy_plots(df, methods, plots_dir / "accuracy")
     text = render_markdown(df, teachers, versions=package_versions(), figures=figures)
