@@ -107,6 +107,13 @@ METHODS: dict[str, MethodRef] = {
         uses_teacher_stats=True,
         deterministic=True,
     ),
+    "rded": MethodRef(
+        "baselines.rded",
+        "rded",
+        "RDEDConfig",
+        True,
+        "RDED: the teacher's most realistic real crops, stitched into patch grids (Sun et al.)",
+    ),
 }
 
 

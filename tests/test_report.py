@@ -37,6 +37,7 @@ from pipelines.report import main as report_main
 from wmdd import paths
 from wmdd.config import load_params
 from wmdd.protocol.runner import results_record, summarise
+from wmdd.report import benchmark as wmdd_report
 from wmdd.report.benchmark import (
     CSV_COLUMNS,
     NOISE_SYNTHESISED,
@@ -46,6 +47,7 @@ from wmdd.report.benchmark import (
     ReportError,
     collect_cells,
     copy_grids,
+    label_robust_score,
     render_markdown,
     results_frame,
 )
@@ -68,6 +70,7 @@ PCELLS = [(*cell, protocol) for cell in CELLS for protocol in PROTOCOLS]  # coll
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 PROTOCOL_HASH = {(p, k): f"{k}hash{i}" for i, p in enumerate(PROFILES) for k in PROTOCOLS}
 TEACHER_TOP1 = {"digits": 97.5, "imagenette_cpu": 71.25, "cifar10_cpu": 80.125}
+STUDENT = {"digits": "convnet", "imagenette_cpu": "convnet", "cifar10_cpu": "resnet18"}
 RELABEL_PEAK_MB = 5000.0  # larger than any distill or evaluate peak
 EVAL_PEAK_MB = {"soft": 250.0, "hard": 150.0}
 EVAL_SECONDS = {"soft": 24.0, "hard": 6.0}  # + the IPC
@@ -203,6 +206,10 @@ def _log_run(
     return run_id
 
 
+def _model_params(prefix: str, name: str) -> dict[str, object]:
+    return {f"{prefix}name": name, f"{prefix}kwargs.width": 32}
+
+
 def _teacher(client: MlflowClient, exp_id: str, profile: str) -> str:
     metrics = {
         "val_top1": TEACHER_TOP1[profile],
@@ -217,7 +224,7 @@ def _teacher(client: MlflowClient, exp_id: str, profile: str) -> str:
         exp_id,
         _stage_tags(profile, f"teacher/{profile}"),
         metrics,
-        params={"teacher.epochs": 30, "seed": 7},
+        params={"teacher.epochs": 30, "seed": 7, **_model_params("teacher.model.", "convnet")},
         history={"val_top1_epoch": [40.0, 60.0], "train_loss": [2.0, 1.0]},
         outputs=(out,),
     )
@@ -416,7 +423,12 @@ def _evaluate_run(
         exp_id,
         tags,
         metrics,
-        params={"eval_seeds": list(EVAL_SEEDS), "sets": list(top1)},
+        params={
+            "eval_seeds": list(EVAL_SEEDS),
+            "sets": list(top1),
+            # cifar10_cpu's hard-label student is not its teacher's architecture: no HLR there
+            **_model_params("protocol.student.", STUDENT[profile]),
+        },
         history=history,
         outputs=(out,) if write else (),
         inputs=inputs,
@@ -865,6 +877,21 @@ def test_render_markdown_sections_tables_and_published(collected, markdown) -> N
     assert f"Published ({PUBLISHED_SOURCE['cifar10']};" in cifar
     herding = PUBLISHED["cifar10"]["herding"]
     assert f"| `herding` | {herding[1]:.1f} | {herding[10]:.1f} |" in cifar
+    # FADRM is not run here: its published row is shown, marked, where it has one at the IPCs.
+    published_nette = imagenette.split("Published", 1)[1].split("Gain over", 1)[0]
+    assert "fadrm" not in published_nette  # no Imagenette row published
+    fadrm = PUBLISHED["imagenet1k"]["fadrm"]
+    table = wmdd_report._published_table("imagenet1k", ["wmdd"], [10, 50])
+    assert f"| `fadrm` (not run here) | {fadrm[10]:.1f} | {fadrm[50]:.1f} | " in "\n".join(table)
+    assert wmdd_report._published_table("imagenet1k", ["wmdd"], [1]) == [
+        "",
+        f"Published ({PUBLISHED_SOURCE['imagenet1k']}; mixes protocols, so not comparable row "
+        "to row):",
+        "",
+        "| method | IPC 1 | published under |",
+        "|---|---|---|",
+        f"| `wmdd` | 3.2 | {PUBLISHED_PROTOCOL['wmdd']} |",
+    ]  # fadrm has no IPC 1 row
     published_cifar = cifar.split("Published", 1)[1].split("Gain over", 1)[0]
     assert "`wmdd`" not in published_cifar and "`sre2l`" not in published_cifar
 
@@ -1021,6 +1048,55 @@ def test_storage_is_one_sets_images_plus_one_students_labels(collected) -> None:
     assert soft.storage_bytes == IMAGE_BYTES * 10 + 49860 * 10 / len(EVAL_SEEDS)
     assert hard.storage_bytes == IMAGE_BYTES * 10  # no labels to store under hard labels
     assert (soft.distill_device, soft.distill_threads) == ("cpu:2 cores (x86_64)", "1")
+
+
+def test_label_robust_score_worked_by_hand() -> None:
+    e = math.e
+    assert label_robust_score(0.0, 0.0) == pytest.approx((1 - 1 / e) / (e - 1 / e))  # 0.2689
+    assert label_robust_score(0.0, 0.0) == pytest.approx(0.268941, abs=1e-6)
+    assert label_robust_score(0.2, 0.4) == pytest.approx((math.exp(-0.1) - 1 / e) / (e - 1 / e))
+    assert label_robust_score(1.0, -1.0) == pytest.approx(1.0)  # the top of the range
+    assert label_robust_score(-1.0, 1.0) == pytest.approx(0.0)  # the bottom
+    assert label_robust_score(0.1, 0.3, w=0.8) == pytest.approx(
+        (math.exp(0.8 * 0.1 - 0.2 * 0.3) - 1 / e) / (e - 1 / e)
+    )
+
+
+def test_relative_scores_from_fractions_per_protocol(collected) -> None:
+    _, _, df = collected
+    for protocol in PROTOCOLS:
+        wmdd = _row(df, "digits", "wmdd", 1, protocol)
+        ior = _mean(("digits", "wmdd", 1, protocol)) - _mean(("digits", "random", 1, protocol))
+        hlr = TEACHER_TOP1["digits"] - _mean(("digits", "wmdd", 1, "hard"))
+        assert wmdd.full_top1 == TEACHER_TOP1["digits"]
+        assert wmdd.ior == pytest.approx(ior / 100, abs=1e-9)
+        assert wmdd.hlr == pytest.approx(hlr / 100, abs=1e-9)
+        alpha = 0.5 * ior / 100 - 0.5 * hlr / 100
+        lrs = (math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1))
+        assert wmdd.lrs == pytest.approx(lrs, abs=1e-12)
+    # The soft worked example: 33 - 22 points = 0.11 of IOR.
+    assert _row(df, "digits", "wmdd", 1).ior == pytest.approx(0.11)
+    assert _row(df, "digits", "random", 10, "hard").ior == 0.0
+    # cifar10_cpu's teacher is not its hard-label student: IOR, but no HLR and no LRS.
+    other = _row(df, "cifar10_cpu", "dm", 10)
+    assert not math.isnan(other.ior) and math.isnan(other.full_top1)
+    assert math.isnan(other.hlr) and math.isnan(other.lrs)
+
+
+def test_ranking_table_names_its_reference_and_the_n_behind_each_term(markdown) -> None:
+    digits, cifar = markdown["digits"], markdown["cifar10_cpu"]
+    assert "Full real data: the profile's teacher, 97.5%" in digits
+    assert "Full real data: none: the teacher is not the hard-label student's" in cifar
+    block = _between(digits, "DD-Ranking's scores", "Secondary metrics")
+    rows = _table_rows(block)
+    assert len(rows) == len(METHODS) * len(IPCS) * len(PROTOCOLS)
+    ior = 0.11
+    assert any(
+        r.startswith(f"| `wmdd` | 1 | soft | {ior:+.3f} | ")
+        and r.endswith("| 3 × 2 vs random 3 × 2; hard 3 × 2 |")
+        for r in rows
+    )
+    assert any(r.startswith("| `herding` | 1 | hard | ") and "1 × 2 † vs random" in r for r in rows)
 
 
 # --- pipelines.report ------------------------------------------------------------------

@@ -40,25 +40,32 @@ from wmdd.utils import atomic_dir, atomic_file, file_digest, write_csv
 # Published ResNet-18 top-1 (%) from the WMDD paper's main table (Liu et al., Table 1), keyed by
 # dataset registry name, then method, then IPC. The Random and DM rows were measured by
 # earlier papers under a hard-label ConvNet protocol at lower resolution; SRe2L and WMDD
-# under the soft-label ResNet-18 protocol at 224 px.
+# under the soft-label ResNet-18 protocol at 224 px. RDED's rows are its own paper's (Sun et
+# al., CVPR 2024), FADRM's its paper's single-teacher rows (Cui et al., NeurIPS 2025), each
+# under its own protocol (PUBLISHED_PROTOCOL).
 PUBLISHED: dict[str, dict[str, dict[int, float]]] = {
     "imagenette": {
         "random": {1: 23.5, 10: 47.7},
         "dm": {1: 32.8, 10: 58.1},
         "sre2l": {1: 20.6, 10: 54.2, 50: 80.4, 100: 85.9},
         "wmdd": {1: 40.2, 10: 64.8, 50: 83.5, 100: 87.1},
+        "rded": {1: 35.8, 10: 61.4, 50: 80.4},
     },
     "tiny_imagenet": {
         "random": {1: 1.5, 10: 6.0, 50: 16.8},
         "dm": {1: 3.9, 10: 12.9, 50: 24.1},
         "sre2l": {50: 41.1, 100: 49.7},
         "wmdd": {1: 7.6, 10: 41.8, 50: 59.4, 100: 61.0},
+        "rded": {1: 9.7, 10: 41.9, 50: 58.2},
+        "fadrm": {10: 48.9, 50: 56.4},
     },
     "imagenet1k": {
         "random": {1: 0.5, 10: 3.6, 50: 15.3},
         "dm": {1: 1.5},
         "sre2l": {10: 21.3, 50: 46.8, 100: 52.8},
         "wmdd": {1: 3.2, 10: 38.2, 50: 57.6, 100: 60.7},
+        "rded": {1: 6.6, 10: 42.0, 50: 56.5},
+        "fadrm": {10: 47.7, 50: 59.8},
     },
     "cifar10": {
         "random": {1: 14.4, 10: 26.0, 50: 43.4},
@@ -78,7 +85,12 @@ PUBLISHED_PROTOCOL = {
     "dm": "hard-label ConvNet, lower resolution (earlier papers)",
     "sre2l": "soft-label ResNet-18, 224 px",
     "wmdd": "soft-label ResNet-18, 224 px",
+    "rded": "the RDED paper: ResNet-18, the teacher's labels online, its own schedule "
+    "(best of the last evaluations)",
+    "fadrm": "the FADRM paper (one teacher): ResNet-18, stored soft labels, student batch 16",
 }
+# Published rows shown whether or not the run has the method (methods the suite does not run).
+REFERENCE_ONLY = ("fadrm",)
 NOISE_SYNTHESISED = ("wmdd", "sre2l")  # methods whose images may be shown in committed figures
 
 CSV_COLUMNS = [
@@ -100,6 +112,10 @@ CSV_COLUMNS = [
     "gain_ci_low",
     "gain_ci_high",
     "welch_p",
+    "ior",
+    "hlr",
+    "lrs",
+    "full_top1",
     "teacher_top1",
     "teacher_agreement",
     "teacher_label_prob",
@@ -293,11 +309,60 @@ def _method_label(method: str, distill_params: dict[str, str]) -> str:
     return method if precision == "fp32" else f"{method} ({precision})"
 
 
+LRS_WEIGHT = 0.5  # DD-Ranking's default w (``lrs_lambda``)
+
+
+def label_robust_score(ior: float, hlr: float, w: float = LRS_WEIGHT) -> float:
+    r"""DD-Ranking's label-robust score (Li et al., 2025), in [0, 1] for terms in [-1, 1]:
+    :math:`(e^{\alpha} - e^{-1}) / (e - e^{-1})`, :math:`\alpha = w\,\mathrm{IOR} -
+    (1 - w)\,\mathrm{HLR}`, with IOR and HLR as *fractions* (as DD-Ranking's definition
+    states; its shipped code passes percentages, which leaves [0, 1]: not reproduced)."""
+    alpha = w * ior - (1 - w) * hlr
+    return (math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1))
+
+
+def full_data_top1(teacher, hard_evaluate) -> float:
+    """Top-1 (%) of the hard-label student's architecture trained on the full real data
+    with hard labels, the HLR's reference: the profile's teacher, when its model is the
+    hard protocol's student (same name and options, from the runs' params); NaN when it is
+    not (no such model was trained, so no HLR)."""
+    teacher_model = _params_under(teacher.data.params, "teacher.model.")
+    student = _params_under(hard_evaluate.data.params, "protocol.student.")
+    if not teacher_model or teacher_model != student:
+        return math.nan
+    return float(teacher.data.metrics["val_top1"])
+
+
+def _params_under(params: dict[str, str], prefix: str) -> dict[str, str]:
+    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def add_relative_scores(df: pd.DataFrame) -> pd.DataFrame:
+    """DD-Ranking's scores per row, from fractions: ``ior`` = the method minus the random
+    subset (same dataset, IPC and protocol), ``hlr`` = full real data minus the method
+    under hard labels (``full_top1``, :func:`full_data_top1`), and ``lrs`` =
+    :func:`label_robust_score` of the two (w = 0.5). NaN where a term is missing."""
+    means = {(r.profile, r.method, r.ipc, r.protocol): r.top1_mean for r in df.itertuples()}
+    ior, hlr = [], []
+    for r in df.itertuples():
+        random = means.get((r.profile, "random", r.ipc, r.protocol), math.nan)
+        hard = means.get((r.profile, r.method, r.ipc, "hard"), math.nan)
+        ior.append((r.top1_mean - random) / 100)
+        hlr.append((r.full_top1 - hard) / 100)
+    df = df.assign(ior=ior, hlr=hlr)
+    lrs = [
+        math.nan if math.isnan(i) or math.isnan(h) else label_robust_score(i, h)
+        for i, h in zip(df.ior, df.hlr, strict=True)
+    ]
+    return df.assign(lrs=lrs)
+
+
 def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
     """One row per cell and protocol with the CSV columns (accuracies in percent). The gain
     over random is measured under the same protocol on the set-level samples (Welch's
     interval and p, :func:`wmdd.report.compare.welch_interval`)."""
     random = {(c.profile, c.ipc, c.protocol): c.samples for c in cells if c.method == "random"}
+    hard_runs = {(c.profile, c.method, c.ipc): c.evaluate for c in cells if c.protocol == "hard"}
     rows = []
     for c in cells:
         ev, di, dg = c.evaluate.data, c.distill.data, c.diagnose.data
@@ -326,6 +391,11 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
                 "gain_ci_low": lo,
                 "gain_ci_high": hi,
                 "welch_p": p,
+                "full_top1": (
+                    full_data_top1(teachers[c.profile], hard_runs[c.profile, c.method, c.ipc])
+                    if (c.profile, c.method, c.ipc) in hard_runs
+                    else math.nan
+                ),
                 "teacher_top1": teachers[c.profile].data.metrics["val_top1"],
                 "teacher_agreement": dg.metrics["teacher_agreement"],
                 "teacher_label_prob": dg.metrics["teacher_label_prob"],
@@ -359,7 +429,7 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
                 "evaluate_run_id": c.evaluate.info.run_id,
             }
         )
-    return pd.DataFrame(rows, columns=CSV_COLUMNS)
+    return add_relative_scores(pd.DataFrame(rows, columns=CSV_COLUMNS))
 
 
 def _storage_bytes(distill, relabel, per_set: dict[int, list[float]]) -> float:
@@ -473,6 +543,46 @@ def _gain_table(df: pd.DataFrame) -> list[str]:
         if r.method != "random" and not math.isnan(r.gain_vs_random) and r.protocol == "soft"
     ]
     return table + ["", *sentences]
+
+
+def _fmt_frac(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:+.3f}"
+
+
+def _ranking_table(df: pd.DataFrame) -> list[str]:
+    """DD-Ranking's scores (IOR, HLR, LRS with w = 0.5, from fractions) per method, IPC and
+    protocol, with the n behind each term (sets, or eval seeds †)."""
+    n = {(r.method, r.ipc, r.protocol): _fmt_n(r) for r in df.itertuples()}
+    rows = []
+    for r in df.itertuples():
+        rows.append(
+            [
+                f"`{r.method}`",
+                str(r.ipc),
+                r.protocol,
+                _fmt_frac(r.ior),
+                _fmt_frac(r.hlr),
+                "n/a" if math.isnan(r.lrs) else f"{100 * r.lrs:.1f}",
+                f"{n[r.method, r.ipc, r.protocol]} vs random "
+                f"{n.get(('random', r.ipc, r.protocol), '-')}; hard {n.get((r.method, r.ipc, 'hard'), '-')}",
+            ]
+        )
+    full = df.full_top1.dropna()
+    reference = (
+        f"the profile's teacher, {full.iloc[0]:.1f}% (the hard-label student's architecture "
+        "trained on the full real data with hard labels, by the teacher's recipe)"
+        if len(full)
+        else "none: the teacher is not the hard-label student's architecture, so no HLR"
+    )
+    return [
+        "IOR = method − random subset under the same protocol; HLR = full real data − method "
+        "under hard labels; LRS = (e^α − e^−1) / (e − e^−1) with α = 0.5 IOR − 0.5 HLR, as "
+        "DD-Ranking defines them, from fractions (IOR, HLR) and shown as % (LRS; 0-100, higher "
+        f"is better). Full real data: {reference}. n: sets × eval seeds behind each term.",
+        "",
+    ] + _table(
+        ["method", "IPC", "protocol", "IOR", "HLR", "LRS (%)", "n (method vs random; hard)"], rows
+    )
 
 
 def _drift_notes(df: pd.DataFrame) -> list[str]:
@@ -590,14 +700,18 @@ def _cost_table(df: pd.DataFrame) -> list[str]:
 
 
 def _published_table(dataset: str, methods: Sequence[str], ipcs: Sequence[int]) -> list[str]:
+    """The published numbers of the run's methods (and of the reference-only ones) beside
+    ours, with the protocol each was published under."""
     pub = PUBLISHED.get(dataset)
     if not pub:
         return []
+    shown = list(methods) + [m for m in REFERENCE_ONLY if m not in methods]
     rows = []
-    for m in methods:
-        if m in pub:
+    for m in shown:
+        if m in pub and any(k in pub[m] for k in ipcs):
+            name = f"`{m}`" + (" (not run here)" if m not in methods else "")
             rows.append(
-                [f"`{m}`"]
+                [name]
                 + [f"{pub[m][k]:.1f}" if k in pub[m] else "-" for k in ipcs]
                 + [PUBLISHED_PROTOCOL[m]]
             )
@@ -654,6 +768,8 @@ def render_markdown(
         out += _published_table(first.dataset, list(g.method.unique()), sorted(g.ipc.unique()))
         out += ["", "Gain over the random real subset under the same protocol:", ""]
         out += _gain_table(g)
+        out += ["", "Relative to random and to the full data (DD-Ranking's scores):", ""]
+        out += _ranking_table(g)
         drift = _drift_notes(g)
         if drift:
             out += ["", "Sets the teacher cannot read:", "", *drift]
