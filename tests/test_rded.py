@@ -119,7 +119,10 @@ def test_seeded_reproducible_and_class_ranges_equal_the_full_run() -> None:
     full = rded(classes=range(4), seed=1, **kwargs)
     again = rded(classes=range(4), seed=1, **kwargs)
     assert_close(full.images, again.images)
-    low, high = rded(classes=range(2), seed=1, **kwargs), rded(classes=range(2, 4), seed=1, **kwargs)
+    low, high = (
+        rded(classes=range(2), seed=1, **kwargs),
+        rded(classes=range(2, 4), seed=1, **kwargs),
+    )
     assert_close(full.images, torch.cat([low.images, high.images]))
     other = rded(classes=range(4), seed=2, **kwargs)
     assert not torch.equal(full.images, other.images)
