@@ -45,6 +45,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -141,9 +142,14 @@ def rded_class(
     config: RDEDConfig,
     seed: int,
     device: torch.device,
+    window: Literal["best", "median"] = "best",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One class: ``(images (ipc, C, R, R) normalised, source train positions (ipc * f^2,),
-    realism scores of the kept crops (ipc * f^2,))``, the latter two in patch order."""
+    """One class: ``(images (ipc, C, R, R) normalised, the train position each patch was
+    cropped from (ipc, f^2), the patches' realism scores (ipc, f^2))``; column ``k`` is
+    patch ``k`` (row-major).
+
+    ``window="best"`` keeps the most realistic crops (RDED); ``"median"`` the ``ipc * f^2``
+    ranked crops centred on the median rank (FADRM's "medium" patches, our rule)."""
     size, factor = data.resolution, config.factor
     need = ipc * factor**2
     index = data.train_indices_of_class(c)  # (n_c,) train positions, dataset order
@@ -168,9 +174,13 @@ def rded_class(
     crops = torch.cat([resized_crops(images, boxes[j], side) for j in range(k)])  # (k * m, ...)
     scores = realism_scores(teacher, crops, c, size=size, batch_size=config.batch_size).view(k, m)
     best, which = scores.min(dim=0)  # (m,) each image's best crop (the first among ties)
-    rank = torch.argsort(best, stable=True)[:need]  # lowest cross-entropy first
+    order = torch.argsort(best, stable=True)  # lowest cross-entropy first
+    first = 0 if window == "best" else (m - need) // 2
+    rank = order[first : first + need]
     kept = crops.view(k, m, *crops.shape[1:])[which[rank], rank]  # (need, C, s, s)
-    return stitch(kept, factor, size), drawn[rank.cpu()], best[rank].cpu()
+    per_image = (factor**2, ipc)  # kept crop k * ipc + t is patch k of image t
+    sources = drawn[rank.cpu()].view(per_image).T.contiguous()
+    return stitch(kept, factor, size), sources, best[rank].cpu().view(per_image).T.contiguous()
 
 
 def rded(
@@ -191,8 +201,9 @@ def rded(
 
     Returns:
         Images (len(classes) * ipc, C, R, R) in normalised space, ordered by class, with
-        ``aux["train_indices"]`` (the train position each patch was cropped from, per class
-        in patch order), ``aux["realism"]`` (their scores) and ``aux["timings"]``.
+        ``aux["train_indices"]`` (N, f^2) (the train position each patch of each image was
+        cropped from, row-major patches), ``aux["realism"]`` (N, f^2) (their scores) and
+        ``aux["timings"]``.
     """
     if teacher is None:
         raise ValueError("RDED needs a teacher (it scores the crops)")

@@ -114,6 +114,15 @@ METHODS: dict[str, MethodRef] = {
         True,
         "RDED: the teacher's most realistic real crops, stitched into patch grids (Sun et al.)",
     ),
+    "fadrm": MethodRef(
+        "baselines.fadrm",
+        "fadrm",
+        "FADRMConfig",
+        True,
+        "FADRM: SRe2L's recovery from RDED patches in resolution stages with data residuals "
+        "(Cui et al.)",
+        class_group="class_group",
+    ),
 }
 
 

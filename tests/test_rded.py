@@ -84,8 +84,8 @@ def test_factor_one_whole_image_crops_keep_the_images_the_teacher_finds_most_rea
         ce = F.cross_entropy(teacher(pool), torch.full((len(pool),), c), reduction="none")
         best = torch.argsort(ce.detach())[:ipc]
         assert_close(out.images[c * ipc : (c + 1) * ipc], pool[best])
-        assert_close(out.aux["train_indices"][c * ipc : (c + 1) * ipc], index[best])
-        assert_close(out.aux["realism"][c * ipc : (c + 1) * ipc], ce.detach()[best])
+        assert_close(out.aux["train_indices"][c * ipc : (c + 1) * ipc, 0], index[best])
+        assert_close(out.aux["realism"][c * ipc : (c + 1) * ipc, 0], ce.detach()[best])
 
 
 def test_factor_two_patches_are_the_best_crops_of_their_source_images() -> None:
@@ -103,9 +103,11 @@ def test_factor_two_patches_are_the_best_crops_of_their_source_images() -> None:
     scores = realism_scores(teacher, crops.flatten(0, 1), 1, size=8, batch_size=100).view(3, 10)
     best, which = scores.min(dim=0)
     rank = torch.argsort(best)[: ipc * 4]
-    assert_close(out.aux["train_indices"], drawn[rank])
-    assert_close(out.aux["realism"], best[rank])
-    assert (out.aux["realism"][:-1] <= out.aux["realism"][1:]).all()  # best first
+    # aux per image and patch: (ipc, 4), column k = patch k = ranked crop k * ipc + t
+    assert_close(out.aux["train_indices"], drawn[rank].view(4, ipc).T)
+    assert_close(out.aux["realism"], best[rank].view(4, ipc).T)
+    ranked = out.aux["realism"].T.flatten()  # back in rank order
+    assert (ranked[:-1] <= ranked[1:]).all()  # best first
     kept = crops[which[rank], rank]
     for k, (row, col) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
         for t in range(ipc):

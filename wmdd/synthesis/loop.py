@@ -353,6 +353,7 @@ def _optimise_batch(
     device: torch.device,
     resume: dict | None = None,
     on_iteration: Callable[[Callable[[], dict]], None] | None = None,
+    cosine_window: tuple[int, int] | None = None,
 ) -> tuple[Tensor, dict[str, float], list[dict[str, float]]]:
     """Adam + cosine lr + clamp on one batch from ``x0``; returns the last iterate, its loss
     components and every iteration's components (the batch's loss curve).
@@ -375,9 +376,10 @@ def _optimise_batch(
         gen.set_state(resume["generator"])
         first, components = resume["t"], resume["components"]
         history = list(resume.get("history", []))
+    offset, total = cosine_window or (0, cfg.iterations)
     for t in range(first, cfg.iterations):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * cosine_factor(t, cfg.iterations)
+            group["lr"] = cfg.lr * cosine_factor(offset + t, total)
         views = batch_views(x, cfg, gen)  # float32 views; the teacher and loss under autocast
         with autocast(cfg.precision, device):
             loss, components = loss_fn(views, batch)
@@ -435,6 +437,7 @@ def synthesize(
     to_pixels: Callable[[Tensor], Tensor] | None = None,
     from_pixels: Callable[[Tensor], Tensor] | None = None,
     checkpoint: Checkpointer | None = None,
+    cosine_window: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """Optimise every batch independently from scratch (see the module docstring).
 
@@ -454,6 +457,9 @@ def synthesize(
         from_pixels: [0, 1] pixels -> normalised space.
         checkpoint: Saves the finished batches and the current batch's state between
             iterations and resumes from them (the result is the same, bit for bit).
+        cosine_window: ``(offset, total)``: these ``cfg.iterations`` steps are steps
+            ``offset ..`` of one cosine over ``total`` (a stage of a multi-stage schedule,
+            e.g. FADRM's); ``None`` = one cosine over ``cfg.iterations``.
 
     Returns:
         ``(images (N, C, H, W) float32 CPU, labels (N,) int64, stats)`` sorted by (class, slot);
@@ -477,6 +483,10 @@ def synthesize(
         raise ValueError("synthesize: cfg.init='real' needs a real_init callable")
     if cfg.jpeg_quality and (to_pixels is None or from_pixels is None):
         raise ValueError("synthesize: jpeg_quality > 0 needs to_pixels and from_pixels")
+    offset, total = cosine_window or (0, cfg.iterations)
+    if not 0 <= offset <= total - cfg.iterations:
+        raise ValueError(f"synthesize: cosine_window {cosine_window} does not hold "
+                         f"{cfg.iterations} iterations")  # fmt: skip
     bounds = (pixel_bounds[0].to(device), pixel_bounds[1].to(device))
     start = time.perf_counter()
     outputs: list[Tensor] = []
@@ -515,6 +525,7 @@ def synthesize(
             device=device,
             resume=partial if partial is not None else None,
             on_iteration=functools.partial(save, index),
+            cosine_window=(offset, total),
         )
         partial = None
         outputs.append(x)
@@ -555,21 +566,29 @@ def synthesize_dataset(
     device: torch.device,
     progress: bool = True,
     checkpoint: Checkpointer | None = None,
+    shape: tuple[int, int, int] | None = None,
+    real_init: Callable[[int, int], Tensor] | None = None,
+    cosine_window: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor, dict]:
     """:func:`synthesize` with the image shape, clamp bounds, real-image init and JPEG pixel
-    maps taken from ``data`` (what WMDD and SRe2L both need)."""
+    maps taken from ``data`` (what WMDD and SRe2L both need). ``shape`` (another resolution),
+    ``real_init`` (another initialisation) and ``cosine_window`` are for multi-stage
+    schedules such as FADRM's."""
     to_pixels, from_pixels = pixel_maps(data)
+    if real_init is None and cfg.init == "real":
+        real_init = real_image_init(data, seed)
     return synthesize(
         batches=batches,
         loss_fn=loss_fn,
         cfg=cfg,
         seed=seed,
-        shape=(data.channels, data.resolution, data.resolution),
+        shape=shape or (data.channels, data.resolution, data.resolution),
         pixel_bounds=data.pixel_bounds(device),
         device=device,
-        real_init=real_image_init(data, seed) if cfg.init == "real" else None,
+        real_init=real_init,
         progress=progress,
         to_pixels=to_pixels,
         from_pixels=from_pixels,
         checkpoint=checkpoint,
+        cosine_window=cosine_window,
     )
