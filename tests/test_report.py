@@ -1027,8 +1027,8 @@ def test_secondary_and_cost_tables_show_soft_rows(tree: Tree, markdown) -> None:
     assert (
         "| method | IPC | distill s (one set) | images/s | distilled on | "
         "images MiB (one set, as stored) | soft labels MiB (one student) | "
-        "storage MiB (images + labels) | relabel s (one set) | soft eval s (all seeds) | "
-        "hard eval s (all seeds) | peak mem MiB | distill phases (s) |"
+        "storage MiB (images + labels) | relabel s (one set) | soft eval s (one set, all seeds) | "
+        "hard eval s (one set, all seeds) | peak mem MiB | distill phases (s) |"
     ) in cost
     # wmdd, IPC 1: sets of 7, 8 and 9 s; 120 KiB of images; 0.5 s relabelling of 49860 B
     # for 2 eval seeds (24930 B per student); 25 s soft, 7 s hard.
@@ -1194,7 +1194,7 @@ def test_main_writes_report_csv_and_figures(tree: Tree, client, collected, works
         with Image.open(reports / "figures" / f"{p}_accuracy.png") as img:
             assert img.format == "PNG" and img.size == (600, 420)  # 5 x 3.5 in at 120 dpi
         with Image.open(reports / "figures" / f"{p}_cost.png") as img:
-            assert img.format == "PNG" and img.size == (1080, 432)  # 9 x 3.6 in at 120 dpi
+            assert img.format == "PNG" and img.size == (1260, 432)  # 10.5 x 3.6 in at 120 dpi
     # The Markdown: exactly what render_markdown gives for these runs and figures.
     figures = {
         p: [f"figures/{p}_accuracy.png", f"figures/{p}_cost.png"]

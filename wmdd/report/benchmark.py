@@ -690,8 +690,8 @@ def _cost_table(df: pd.DataFrame) -> list[str]:
             "soft labels MiB (one student)",
             "storage MiB (images + labels)",
             "relabel s (one set)",
-            "soft eval s (all seeds)",
-            "hard eval s (all seeds)",
+            "soft eval s (one set, all seeds)",
+            "hard eval s (one set, all seeds)",
             "peak mem MiB",
             "distill phases (s)",
         ],
@@ -827,7 +827,9 @@ def plot_cost(df: pd.DataFrame, profile: str, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     g = df[df.profile == profile]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120, sharey=True)
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6), dpi=120, sharey=True)
     colours = {m: f"C{i % 10}" for i, m in enumerate(g.method.unique())}
     for ax, column, xlabel in (
         (axes[0], "storage_bytes", "storage per student (MiB, log)"),
@@ -844,12 +846,20 @@ def plot_cost(df: pd.DataFrame, profile: str, out: Path) -> None:
             for xi, yi, k in zip(x.clip(lower=1e-3), m.top1_mean, m.ipc, strict=True):
                 ax.annotate(str(k), (xi, yi), textcoords="offset points", xytext=(4, 2), fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        low, high = ax.get_xlim()
+        if high / low < 10:  # no decade inside: label the minor ticks instead
+            ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+            ax.tick_params(axis="x", which="minor", labelsize=7)
+        else:
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%)")
-    axes[1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")  # beside the axes, not on them
     fig.suptitle(f"{profile} ({g.iloc[0].budget}): accuracy against cost; labels: IPC", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(out, metadata={"Software": None})
     plt.close(fig)
 
