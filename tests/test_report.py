@@ -877,13 +877,13 @@ def test_render_markdown_sections_tables_and_published(collected, markdown) -> N
     assert f"Published ({PUBLISHED_SOURCE['cifar10']};" in cifar
     herding = PUBLISHED["cifar10"]["herding"]
     assert f"| `herding` | {herding[1]:.1f} | {herding[10]:.1f} |" in cifar
-    # FADRM is not run here: its published row is shown, marked, where it has one at the IPCs.
-    published_nette = imagenette.split("Published", 1)[1].split("Gain over", 1)[0]
-    assert "fadrm" not in published_nette  # no Imagenette row published
+    # A paper row for every run method with a number at the run's IPCs, none otherwise.
     fadrm = PUBLISHED["imagenet1k"]["fadrm"]
-    table = wmdd_report._published_table("imagenet1k", ["wmdd"], [10, 50])
-    assert f"| `fadrm` (not run here) | {fadrm[10]:.1f} | {fadrm[50]:.1f} | " in "\n".join(table)
-    assert wmdd_report._published_table("imagenet1k", ["wmdd"], [1]) == [
+    table = wmdd_report._published_table("imagenet1k", ["wmdd", "fadrm"], [10, 50])
+    assert f"| `fadrm` | {fadrm[10]:.1f} | {fadrm[50]:.1f} | {PUBLISHED_PROTOCOL['fadrm']} |" in (
+        "\n".join(table)
+    )
+    assert wmdd_report._published_table("imagenet1k", ["wmdd", "fadrm"], [1]) == [
         "",
         f"Published ({PUBLISHED_SOURCE['imagenet1k']}; mixes protocols, so not comparable row "
         "to row):",

@@ -89,8 +89,6 @@ PUBLISHED_PROTOCOL = {
     "(best of the last evaluations)",
     "fadrm": "the FADRM paper (one teacher): ResNet-18, stored soft labels, student batch 16",
 }
-# Published rows shown whether or not the run has the method (methods the suite does not run).
-REFERENCE_ONLY = ("fadrm",)
 NOISE_SYNTHESISED = ("wmdd", "sre2l")  # methods whose images may be shown in committed figures
 
 CSV_COLUMNS = [
@@ -415,7 +413,7 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
                 "relabel_seconds": rl.metrics["relabel_seconds"] if rl else 0.0,
                 "label_bytes": rl.metrics["label_bytes"] if rl else 0.0,
                 "image_bytes": di.metrics.get("image_bytes", math.nan),
-                "storage_bytes": _storage_bytes(di, rl, c.per_set),
+                "storage_bytes": _storage_bytes(di, rl, len(next(iter(c.per_set.values())))),
                 "distill_device": di.tags.get("device", ""),
                 "distill_threads": di.tags.get("threads", ""),
                 "eval_seconds": ev.metrics["eval_seconds"],
@@ -432,7 +430,7 @@ def results_frame(cells: list[Cell], teachers: dict[str, Any]) -> pd.DataFrame:
     return add_relative_scores(pd.DataFrame(rows, columns=CSV_COLUMNS))
 
 
-def _storage_bytes(distill, relabel, per_set: dict[int, list[float]]) -> float:
+def _storage_bytes(distill, relabel, eval_seeds: int) -> float:
     """What one student of the cell needs stored: one set's images (as ``set.pt`` holds
     them) plus, under the soft-label protocol, the soft labels of one eval seed (the relabel
     run's ``label_bytes`` cover every eval seed of a set; nothing when labels are computed
@@ -440,8 +438,7 @@ def _storage_bytes(distill, relabel, per_set: dict[int, list[float]]) -> float:
     images = distill.metrics.get("image_bytes", math.nan)
     if relabel is None:
         return images
-    seeds = len(next(iter(per_set.values())))
-    return images + relabel.metrics["label_bytes"] / seeds
+    return images + relabel.metrics["label_bytes"] / eval_seeds
 
 
 def _phases(metrics: dict[str, float]) -> str:
@@ -700,18 +697,16 @@ def _cost_table(df: pd.DataFrame) -> list[str]:
 
 
 def _published_table(dataset: str, methods: Sequence[str], ipcs: Sequence[int]) -> list[str]:
-    """The published numbers of the run's methods (and of the reference-only ones) beside
-    ours, with the protocol each was published under."""
+    """The published numbers of the run's methods at the run's IPCs beside ours, with the
+    protocol each was published under (a method without a number at those IPCs: no row)."""
     pub = PUBLISHED.get(dataset)
     if not pub:
         return []
-    shown = list(methods) + [m for m in REFERENCE_ONLY if m not in methods]
     rows = []
-    for m in shown:
+    for m in methods:
         if m in pub and any(k in pub[m] for k in ipcs):
-            name = f"`{m}`" + (" (not run here)" if m not in methods else "")
             rows.append(
-                [name]
+                [f"`{m}`"]
                 + [f"{pub[m][k]:.1f}" if k in pub[m] else "-" for k in ipcs]
                 + [PUBLISHED_PROTOCOL[m]]
             )
@@ -787,6 +782,11 @@ def render_markdown(
     return "\n".join(out)
 
 
+def _method_colours(g: pd.DataFrame) -> dict[str, str]:
+    """One matplotlib colour per method of ``g``, in row order (the same in every figure)."""
+    return {m: f"C{i % 10}" for i, m in enumerate(g.method.unique())}
+
+
 def plot_accuracy(df: pd.DataFrame, profile: str, out: Path) -> None:
     """Accuracy vs IPC per method, soft (solid) and hard labels (dotted); error bars: the
     sample std over sets (over eval seeds for a one-set cell)."""
@@ -797,7 +797,7 @@ def plot_accuracy(df: pd.DataFrame, profile: str, out: Path) -> None:
 
     g = df[df.profile == profile]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    colours = {m: f"C{i % 10}" for i, m in enumerate(g.method.unique())}  # one per method
+    colours = _method_colours(g)
     for (method, protocol), m in g.groupby(["method", "protocol"], sort=False):
         m = m.sort_values("ipc")
         soft = protocol == "soft"
@@ -825,25 +825,24 @@ def plot_cost(df: pd.DataFrame, profile: str, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    g = df[df.profile == profile]
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
+    g = df[df.profile == profile]
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6), dpi=120, sharey=True)
-    colours = {m: f"C{i % 10}" for i, m in enumerate(g.method.unique())}
+    colours = _method_colours(g)
     for ax, column, xlabel in (
         (axes[0], "storage_bytes", "storage per student (MiB, log)"),
         (axes[1], "distill_seconds", "distillation time per set (s, log)"),
     ):
         for (method, protocol), m in g.groupby(["method", "protocol"], sort=False):
-            x = m[column] / (2**20 if column == "storage_bytes" else 1)
+            x = (m[column] / (2**20 if column == "storage_bytes" else 1)).clip(lower=1e-3)
             soft = protocol == "soft"
             ax.scatter(
-                x.clip(lower=1e-3), m.top1_mean, label=f"{method} ({protocol})",
+                x, m.top1_mean, label=f"{method} ({protocol})",
                 color=colours[method], marker="o" if soft else "s",
                 facecolors=colours[method] if soft else "none",
             )  # fmt: skip
-            for xi, yi, k in zip(x.clip(lower=1e-3), m.top1_mean, m.ipc, strict=True):
+            for xi, yi, k in zip(x, m.top1_mean, m.ipc, strict=True):
                 ax.annotate(str(k), (xi, yi), textcoords="offset points", xytext=(4, 2), fontsize=7)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
