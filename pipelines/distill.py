@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     tags = stage.tags(classes=f"{classes.start}:{classes.stop}", **{"shard": True} if shard else {})
     out = paths.distilled_dir(args.dataset, args.method, args.ipc)
     with stage.tracked(
-        params=run_params, inputs=inputs, outputs=[] if shard else [out], **tags
-    ) as mlflow:
+        params=run_params, inputs=inputs, outputs=[] if shard else [out],
+        method_source=spec.source, **tags,
+    ) as mlflow:  # fmt: skip
         per_set: dict[int, dict[str, float]] = {}
         if shard:
             for s in sets:
@@ -114,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
                     # meta.json: what defines the set, no run metadata (same inputs, same bytes)
                     meta = {**tags, "set": s, "config": to_dict(config), "seed": seeds[s],
                             "images": len(synthetic.labels)}  # fmt: skip
+                    if spec.source != "built-in":  # a plugin: its distribution and version
+                        meta["method_source"] = spec.source
+                    if isinstance(synthetic.aux.get("source"), dict):  # an external set's files
+                        meta["source"] = synthetic.aux["source"]
+                        mlflow.set_tag(f"set{s}.source_sha256", meta["source"]["sha256"])
                     preview = save_distilled(paths.set_dir(tmp, s), synthetic, data, meta=meta)
                     mlflow.log_artifact(str(preview), artifact_path=f"set{s}")
                     log_curves(mlflow, loss_curves(synthetic.aux, prefix=f"set{s}."))

@@ -6,6 +6,12 @@ A method is a callable ``fn(*, teacher, data, classes, ipc, config, seed, device
 ``overrides: {<profile>: {...}}`` with per-dataset values (the papers used different
 settings per dataset); they are merged over the defaults before strict parsing.
 
+Methods come from two places: the built-ins below, and *plugins*, methods installed as
+Python packages that declare a :class:`MethodRef` under the entry-point group
+``wmdd_bench.methods`` (README "Adding your own method"); a plugin cannot shadow a built-in.
+A ``methods.<row>`` section may also run a registered method under a row name of its own
+with ``method: <name>`` (e.g. several external sets, each its own row).
+
 Methods are resolved lazily, by name: the registry holds the *module path* of each method,
 and :func:`get_method` imports that module only when a stage asks for the method. A stage
 therefore loads the code it runs and nothing else (``prepare`` never imports POT, a
@@ -15,7 +21,10 @@ therefore loads the code it runs and nothing else (``prepare`` never imports POT
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
+import importlib.metadata
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +52,7 @@ class MethodRef:
     uses_teacher_stats: bool = False
     # Whether its set is a function of its inputs alone (no seed): one set per cell.
     deterministic: bool = False
+    source: str = "built-in"  # where it comes from: "built-in" or "plugin <dist> <version>"
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class MethodSpec:
     description: str  # one line for reports and --help
     defaults: dict[str, Any] = field(default_factory=dict)  # fixed values of a named variant
     uses_teacher_stats: bool = False  # takes ``teacher_stats=`` (the shared stage's output)
+    source: str = "built-in"  # "built-in" or "plugin <dist> <version>" (MethodRef.source)
 
 
 METHODS: dict[str, MethodRef] = {
@@ -123,14 +134,79 @@ METHODS: dict[str, MethodRef] = {
         "(Cui et al.)",
         class_group="class_group",
     ),
+    "external": MethodRef(
+        "baselines.external",
+        "external_set",
+        "ExternalConfig",
+        False,
+        "an external set: images made elsewhere, read and checked from methods.<row>.path",
+        deterministic=True,
+    ),
 }
 
 
+PLUGIN_GROUP = "wmdd_bench.methods"  # the entry-point group plugins declare methods in
+
+
+@functools.cache
+def plugin_methods() -> dict[str, MethodRef]:
+    """The methods installed packages declare under the entry-point group
+    :data:`PLUGIN_GROUP`: ``<name> = "<module>:<attribute>"``, the attribute a
+    :class:`MethodRef` (so only the declaring module is imported here; the method's own
+    module is imported when a stage asks for it). Read once per process."""
+    found: dict[str, MethodRef] = {}
+    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        where = f"entry point {ep.name} = {ep.value!r} (group {PLUGIN_GROUP})"
+        if ep.name in METHODS:
+            raise ConfigError(f"{where}: {ep.name!r} is a built-in method; name it otherwise")
+        try:
+            ref = ep.load()
+        except Exception as err:  # the plugin's own import error, named
+            raise ConfigError(f"{where}: cannot be loaded: {type(err).__name__}: {err}") from err
+        if not isinstance(ref, MethodRef):
+            raise ConfigError(
+                f"{where}: expected a pipelines.registry.MethodRef, got {type(ref).__name__}"
+            )
+        dist = getattr(ep, "dist", None)
+        source = f"{dist.name} {dist.version}" if dist is not None else ep.value
+        found[ep.name] = dataclasses.replace(ref, source=f"plugin {source}")
+    return found
+
+
+def registered() -> dict[str, MethodRef]:
+    """Every method a stage can run: the built-ins and the installed plugins."""
+    return {**METHODS, **plugin_methods()}
+
+
+def method_name(params: Params, row: str) -> str:
+    """The registered method behind row ``row`` of ``params.yaml: methods``: the row itself,
+    or the method its section names with ``method: <name>``."""
+    section = params.methods.get(row) or {}
+    target = section.get("method", row) if isinstance(section, dict) else row
+    if not isinstance(target, str):
+        raise ConfigError(
+            f"params.yaml: methods.{row}.method: expected a method name, got {target!r}"
+        )
+    known = registered()
+    if target != row and row in known:
+        raise ConfigError(
+            f"params.yaml: methods.{row}.method: {row!r} is a registered method itself and "
+            f"cannot run {target!r}; give the row another name"
+        )
+    if target not in known:
+        where = f"methods.{row}.method: " if target != row else ""
+        raise ConfigError(
+            f"params.yaml: {where}unknown method {target!r}; registered: {', '.join(sorted(known))}"
+        )
+    return target
+
+
 def get_method(name: str) -> MethodSpec:
-    """Imports method ``name``'s module and returns its resolved spec."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
-    ref = METHODS[name]
+    """Imports registered method ``name``'s module and returns its resolved spec."""
+    known = registered()
+    if name not in known:
+        raise ConfigError(f"unknown method {name!r}; registered: {', '.join(sorted(known))}")
+    ref = known[name]
     module = importlib.import_module(ref.module)
     return MethodSpec(
         name=name,
@@ -140,6 +216,7 @@ def get_method(name: str) -> MethodSpec:
         description=ref.description,
         defaults=dict(ref.defaults),
         uses_teacher_stats=ref.uses_teacher_stats,
+        source=ref.source,
     )
 
 
@@ -155,7 +232,7 @@ def shard_ranges(params_path: str, cmd: str, shards: int) -> list[range]:
     the method's synthesis batches (needs the profile's prepared ``manifest.json``)."""
     found = dict(re.findall(r"--(dataset|method|ipc) (\S+)", cmd))
     params = load_params(params_path)
-    ref = METHODS[found["method"]]
+    ref = registered()[method_name(params, found["method"])]
     group = 1
     if ref.class_group:
         config = method_config(params, found["method"], found["dataset"])
@@ -178,11 +255,13 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def method_config(params: Params, method: str, profile: str) -> Any:
-    """The method's config for ``profile``: its section, then ``overrides.<profile>`` merged
-    recursively, then the variant's fixed ``defaults``; parsed strictly."""
-    spec = get_method(method)
+    """The config of row ``method`` for ``profile``: its section, then
+    ``overrides.<profile>`` merged recursively, then the variant's fixed ``defaults``;
+    parsed strictly into the config of the registered method it runs (:func:`method_name`)."""
+    spec = get_method(method_name(params, method))
     section = dict(params.methods.get(method) or {})
     section.pop("sets", None)  # the registry's key (method_sets), not the method's
+    section.pop("method", None)  # the registered method a row runs (method_name)
     overrides = section.pop("overrides", None) or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"params.yaml: methods.{method}.overrides: expected a mapping")
@@ -214,7 +293,7 @@ def method_sets(params: Params, method: str) -> list[int]:
     where = f"params.yaml: methods.{method}.sets" if "sets" in section else "benchmark.sets"
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}: expected a positive int, got {value!r}")
-    if METHODS[method].deterministic if method in METHODS else False:
+    if registered()[method_name(params, method)].deterministic:
         if "sets" in section and value != 1:
             raise ConfigError(f"{where}: {method} is deterministic (one set per cell), got {value}")
         return [0]
@@ -234,7 +313,7 @@ def resolve_method(params: Params, method: str, profile: str) -> tuple[MethodSpe
     """The method's spec and its config for ``profile``, after checking its section parses
     for every profile (a typo in any override fails before the method runs)."""
     validate_method(params, method)
-    return get_method(method), method_config(params, method, profile)
+    return get_method(method_name(params, method)), method_config(params, method, profile)
 
 
 def validate_method(params: Params, method: str) -> None:

@@ -305,6 +305,11 @@ class SoftProtocolConfig:
     t2_factor: bool = False  # multiply the KD loss by T^2 (off in the published setting)
     lr: float = 1e-3  # AdamW learning rate (cosine per epoch to 0)
     weight_decay: float = 0.01  # AdamW weight decay, on parameters with ndim > 1 only
+    # The cosine's length in epochs: 0 (default) = ``epochs``, the learning rate reaching 0 at
+    # the last epoch; ``2 * epochs`` stops half-way down, at lr / 2 (a "half cosine", what a
+    # schedule set for twice the epochs gives; the sensitivity panel's knob). Part of the
+    # protocol hash unless 0.
+    schedule_epochs: int = 0
     relabel_mode: Literal["stored", "online"] = "stored"  # precomputed or on-the-fly labels
     label_dtype: Literal["float16", "float32"] = "float16"  # soft-label precision (both modes)
     eval_interval: int = 1  # validate every this many epochs (and always at the last)
@@ -317,11 +322,22 @@ class SoftProtocolConfig:
     def __post_init__(self) -> None:
         check_ranges(
             self,
-            at_least={"epochs": 1, "batch_size": 1, "eval_interval": 1, "eval_batch_size": 1},
+            at_least={
+                "epochs": 1,
+                "batch_size": 1,
+                "eval_interval": 1,
+                "eval_batch_size": 1,
+                "schedule_epochs": 0,
+            },  # fmt: skip
             positive=("lr", "cutmix_alpha", "temperature"),
             non_negative=("weight_decay",),
             scales=("crop_scale",),
         )
+        if self.schedule_epochs and self.schedule_epochs < self.epochs:
+            raise ValueError(
+                f"schedule_epochs: expected 0 (the cosine over the epochs) or >= epochs "
+                f"({self.epochs}, a cosine that does not rise again), got {self.schedule_epochs}"
+            )
 
 
 @dataclass(frozen=True)

@@ -108,13 +108,15 @@ def protocol_hash(
     settings (default: the headline ``protocol.kind``; student model included), the eval
     seeds and the base seed.
 
-    ``precision`` enters only when it is not ``"fp32"``: float32 is the protocol as it was
-    before the setting existed, so those rows keep their hash, and a reduced-precision row
-    never shares one with them."""
+    ``precision`` enters only when it is not ``"fp32"`` and ``schedule_epochs`` only when it
+    is not 0: the defaults are the protocol as it was before the settings existed, so those
+    rows keep their hash, and a row under another setting never shares one with them."""
     kind = kind or protocol.kind
     settings = to_dict(protocol.settings(kind))
     if settings.get("precision") == "fp32":
         del settings["precision"]
+    if settings.get("schedule_epochs") == 0:  # the cosine over the epochs, as before
+        del settings["schedule_epochs"]
     return short_hash(
         {
             "kind": kind,

@@ -16,7 +16,7 @@ Soft-label protocol (primary; the SRe2L / WMDD lineage):
 * Student: the dataset's evaluation model from scratch (init seeded by the eval seed),
   ``KL(softmax(t / T) || softmax(s / T))`` summed over classes and averaged over the batch
   (T = 20, no T^2 factor unless ``t2_factor``), AdamW (weight decay on ndim > 1 parameters
-  only), cosine decay per epoch to 0. Validation on the full validation split; the headline
+  only), cosine decay per epoch to 0 (``schedule_epochs``: a longer cosine, stopped part-way). Validation on the full validation split; the headline
   is the final epoch's top-1, with top-5 and the best epoch's top-1 recorded separately.
 
 The eval seed drives the student init, the relabel views and the data order; the derived
@@ -304,7 +304,9 @@ def train_student_soft(
     """
     student.to(device).train()
     opt = torch.optim.AdamW(weight_decay_groups(student, cfg.weight_decay), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: cosine_factor(e, cfg.epochs))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: cosine_factor(e, cfg.schedule_epochs or cfg.epochs)
+    )
     history: list[dict] = []
     start = 0
     if checkpoint is not None and (state := checkpoint.load()) is not None:

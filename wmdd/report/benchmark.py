@@ -34,6 +34,7 @@ import pandas as pd
 
 from wmdd import paths
 from wmdd.report.compare import welch_interval
+from wmdd.report.sensitivity import PANEL_FILE, read_panel, render_panel
 from wmdd.tracking.runs import package_versions
 from wmdd.utils import atomic_dir, atomic_file, file_digest, write_csv
 
@@ -900,7 +901,9 @@ def write_report(
     out: Path,
 ) -> pd.DataFrame:
     """Writes ``benchmark.md``, ``results.csv``, ``figures/`` and ``plots/`` under ``out``
-    (each atomically) from the runs of the grid; returns the results table."""
+    (each atomically) from the runs of the grid; returns the results table. A protocol-
+    sensitivity panel (``pipelines.sensitivity``'s ``sensitivity.csv`` in ``out``) is
+    rendered at the end of ``benchmark.md``."""
     cells, teachers = collect_cells(client, profiles, methods, ipcs, experiment=experiment)
     df = results_frame(cells, teachers)
     with atomic_dir(out / "figures") as fig_dir:
@@ -915,6 +918,9 @@ def write_report(
     with atomic_dir(out / "plots") as plots_dir:
         write_accuracy_plots(df, methods, plots_dir / "accuracy")
     text = render_markdown(df, teachers, versions=package_versions(), figures=figures)
+    panel = read_panel(out / PANEL_FILE)
+    if panel is not None:  # pipelines.sensitivity's CSV beside the report
+        text += "\n## Protocol sensitivity\n\n" + "\n".join(render_panel(panel)) + "\n"
     with atomic_file(out / "benchmark.md") as tmp:
         tmp.write_text(text)
     with atomic_file(out / "results.csv") as tmp:
