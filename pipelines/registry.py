@@ -148,34 +148,68 @@ METHODS: dict[str, MethodRef] = {
 PLUGIN_GROUP = "wmdd_bench.methods"  # the entry-point group plugins declare methods in
 
 
+def _plugin_entry_points(name: str | None = None) -> list[importlib.metadata.EntryPoint]:
+    eps = importlib.metadata.entry_points(group=PLUGIN_GROUP)
+    return [ep for ep in eps if name is None or ep.name == name]
+
+
+def _load_plugin(ep: importlib.metadata.EntryPoint) -> MethodRef:
+    """One plugin's declaration, loaded; errors name the entry point."""
+    where = f"entry point {ep.name} = {ep.value!r} (group {PLUGIN_GROUP})"
+    if ep.name in METHODS:
+        raise ConfigError(f"{where}: {ep.name!r} is a built-in method; name it otherwise")
+    try:
+        ref = ep.load()
+    except Exception as err:  # the plugin's own import error, named
+        raise ConfigError(f"{where}: cannot be loaded: {type(err).__name__}: {err}") from err
+    if not isinstance(ref, MethodRef):
+        raise ConfigError(
+            f"{where}: expected a pipelines.registry.MethodRef, got {type(ref).__name__}"
+        )
+    dist = getattr(ep, "dist", None)
+    source = f"{dist.name} {dist.version}" if dist is not None else ep.value
+    return dataclasses.replace(ref, source=f"plugin {source}")
+
+
 @functools.cache
 def plugin_methods() -> dict[str, MethodRef]:
-    """The methods installed packages declare under the entry-point group
+    """Every method installed packages declare under the entry-point group
     :data:`PLUGIN_GROUP`: ``<name> = "<module>:<attribute>"``, the attribute a
-    :class:`MethodRef` (so only the declaring module is imported here; the method's own
-    module is imported when a stage asks for it). Read once per process."""
-    found: dict[str, MethodRef] = {}
-    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
-        where = f"entry point {ep.name} = {ep.value!r} (group {PLUGIN_GROUP})"
-        if ep.name in METHODS:
-            raise ConfigError(f"{where}: {ep.name!r} is a built-in method; name it otherwise")
-        try:
-            ref = ep.load()
-        except Exception as err:  # the plugin's own import error, named
-            raise ConfigError(f"{where}: cannot be loaded: {type(err).__name__}: {err}") from err
-        if not isinstance(ref, MethodRef):
-            raise ConfigError(
-                f"{where}: expected a pipelines.registry.MethodRef, got {type(ref).__name__}"
-            )
-        dist = getattr(ep, "dist", None)
-        source = f"{dist.name} {dist.version}" if dist is not None else ep.value
-        found[ep.name] = dataclasses.replace(ref, source=f"plugin {source}")
-    return found
+    :class:`MethodRef` (only the declaring module is imported; the method's own module is
+    imported when a stage asks for it). Loads them all, so a broken or shadowing plugin
+    fails here (``pipelines.check``); read once per process."""
+    return {ep.name: _load_plugin(ep) for ep in _plugin_entry_points()}
+
+
+@functools.cache
+def lookup(name: str) -> MethodRef | None:
+    """Registered method ``name``: a built-in (no plugin is loaded then, so a broken plugin
+    elsewhere in the environment cannot stop a built-in), else the plugin of that name."""
+    if name in METHODS:
+        return METHODS[name]
+    eps = _plugin_entry_points(name)
+    if len(eps) > 1:
+        values = ", ".join(ep.value for ep in eps)
+        raise ConfigError(f"method {name!r}: declared by several plugins ({values})")
+    return _load_plugin(eps[0]) if eps else None
+
+
+def reload_plugins() -> None:
+    """Forgets the plugins read so far (after installing one in a running process)."""
+    plugin_methods.cache_clear()
+    lookup.cache_clear()
 
 
 def registered() -> dict[str, MethodRef]:
     """Every method a stage can run: the built-ins and the installed plugins."""
     return {**METHODS, **plugin_methods()}
+
+
+def _unknown(name: str, where: str = "") -> ConfigError:
+    names = sorted({*METHODS, *(ep.name for ep in _plugin_entry_points())})
+    return ConfigError(
+        f"params.yaml: {where}unknown method {name!r}; registered: {', '.join(names)}"
+    )
 
 
 def method_name(params: Params, row: str) -> str:
@@ -187,26 +221,21 @@ def method_name(params: Params, row: str) -> str:
         raise ConfigError(
             f"params.yaml: methods.{row}.method: expected a method name, got {target!r}"
         )
-    known = registered()
-    if target != row and row in known:
+    if target != row and row in METHODS:
         raise ConfigError(
             f"params.yaml: methods.{row}.method: {row!r} is a registered method itself and "
             f"cannot run {target!r}; give the row another name"
         )
-    if target not in known:
-        where = f"methods.{row}.method: " if target != row else ""
-        raise ConfigError(
-            f"params.yaml: {where}unknown method {target!r}; registered: {', '.join(sorted(known))}"
-        )
+    if lookup(target) is None:
+        raise _unknown(target, f"methods.{row}.method: " if target != row else "")
     return target
 
 
 def get_method(name: str) -> MethodSpec:
     """Imports registered method ``name``'s module and returns its resolved spec."""
-    known = registered()
-    if name not in known:
-        raise ConfigError(f"unknown method {name!r}; registered: {', '.join(sorted(known))}")
-    ref = known[name]
+    ref = lookup(name)
+    if ref is None:
+        raise _unknown(name)
     module = importlib.import_module(ref.module)
     return MethodSpec(
         name=name,
@@ -232,7 +261,8 @@ def shard_ranges(params_path: str, cmd: str, shards: int) -> list[range]:
     the method's synthesis batches (needs the profile's prepared ``manifest.json``)."""
     found = dict(re.findall(r"--(dataset|method|ipc) (\S+)", cmd))
     params = load_params(params_path)
-    ref = registered()[method_name(params, found["method"])]
+    ref = lookup(method_name(params, found["method"]))
+    assert ref is not None  # method_name checked it
     group = 1
     if ref.class_group:
         config = method_config(params, found["method"], found["dataset"])
@@ -293,7 +323,8 @@ def method_sets(params: Params, method: str) -> list[int]:
     where = f"params.yaml: methods.{method}.sets" if "sets" in section else "benchmark.sets"
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}: expected a positive int, got {value!r}")
-    if registered()[method_name(params, method)].deterministic:
+    ref = lookup(method_name(params, method))
+    if ref is not None and ref.deterministic:
         if "sets" in section and value != 1:
             raise ConfigError(f"{where}: {method} is deterministic (one set per cell), got {value}")
         return [0]
@@ -326,6 +357,8 @@ def validate_method(params: Params, method: str) -> None:
 
 def validate_methods(params: Params) -> None:
     """Parses every method section for every profile (imports every method's module: for
-    ``python -m pipelines.check``, not for stages)."""
+    ``python -m pipelines.check``, not for stages), after loading every installed plugin so
+    that a broken one is named here."""
+    registered()
     for method in params.methods:
         validate_method(params, method)

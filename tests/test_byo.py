@@ -115,9 +115,9 @@ def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     site = install_plugin(tmp_path)
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
-    registry.plugin_methods.cache_clear()
+    registry.reload_plugins()
     yield site
-    registry.plugin_methods.cache_clear()
+    registry.reload_plugins()
     for name in [m for m in sys.modules if m.startswith("tiny_means")]:
         del sys.modules[name]
 
@@ -207,21 +207,27 @@ def test_a_plugin_cannot_shadow_a_built_in_or_be_anything_but_a_method_ref(
     site = install_plugin(tmp_path)
     entry = next(site.glob("tiny_means-*.dist-info")) / "entry_points.txt"
     monkeypatch.syspath_prepend(str(site))
-    registry.plugin_methods.cache_clear()
+    registry.reload_plugins()
     try:
         entry.write_text("[wmdd_bench.methods]\nrandom = tiny_means:METHOD\n")
         with pytest.raises(ConfigError, match="'random' is a built-in method"):
             registry.registered()
-        registry.plugin_methods.cache_clear()
+        registry.reload_plugins()
         entry.write_text("[wmdd_bench.methods]\nodd = tiny_means.method:MeansConfig\n")
         with pytest.raises(ConfigError, match="expected a pipelines.registry.MethodRef, got type"):
             registry.registered()
-        registry.plugin_methods.cache_clear()
+        registry.reload_plugins()
         entry.write_text("[wmdd_bench.methods]\ngone = tiny_means.nothing:METHOD\n")
         with pytest.raises(ConfigError, match="gone = .* cannot be loaded: ModuleNotFoundError"):
             registry.registered()
+        # a broken plugin is named when asked for, and never stops a built-in
+        with pytest.raises(ConfigError, match="gone = .* cannot be loaded"):
+            registry.get_method("gone")
+        assert registry.get_method("random").source == "built-in"
+        with pytest.raises(ConfigError, match=r"unknown method 'nope'; registered: .*gone.*random"):
+            registry.get_method("nope")
     finally:
-        registry.plugin_methods.cache_clear()
+        registry.reload_plugins()
         for name in [m for m in sys.modules if m.startswith("tiny_means")]:
             del sys.modules[name]
 
