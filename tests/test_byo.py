@@ -193,6 +193,17 @@ def test_an_external_folder_and_a_plugin_reach_the_report(
     plugin_meta = read_json(workspace / f"distilled/digits/tiny_means/ipc{IPC}/set0/meta.json")
     assert plugin_meta["config"] == {"pool": 3}
     assert plugin_meta["method_source"] == "plugin tiny-means 0.3.1"
+    # image_bytes (the report's storage column): the stored images' bytes, on disk in set.pt
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_names=[PARAMS["benchmark"]["experiment"]],
+        filter_string="tags.stage = 'distill' and tags.method = 'my_set'",
+    )
+    logged = float(runs["metrics.image_bytes"].iloc[0])
+    assert logged == stored.images.numel() * 4 > 0
+    on_disk = (cell / "set.pt").stat().st_size
+    assert 0 < on_disk - logged < stored.labels.numel() * 8 + 4096  # + labels and pickle framing
     report.main(["--out", "reports"])
     text = (workspace / "reports/benchmark.md").read_text()
     for row in ("`random`", "`my_set`", "`tiny_means`"):
