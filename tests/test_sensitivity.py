@@ -15,7 +15,7 @@ import yaml
 from pipelines import diagnose, distill, evaluate, prepare, relabel, report, sensitivity, teacher
 from wmdd.config import ConfigError, ModelConfig, SoftProtocolConfig, load_params
 from wmdd.protocol.plan import protocol_plan
-from wmdd.report.sensitivity import panel_summary, render_panel
+from wmdd.report.sensitivity import half_width, panel_summary, pooled_sd, render_panel
 from wmdd.utils import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,8 +188,54 @@ def test_panel_summary_by_hand() -> None:
     assert summary.loc[("wmdd", 100, "full")].best == pytest.approx(59.0)
     text = "\n".join(render_panel(df))
     assert "random 61.0 > wmdd 58.0" in text and "wmdd 66.0 > random 64.0" in text
-    assert "the ranking changes" in text
-    assert "+8.0" in text  # the largest move, named
+    # per-set std pooled over the four cells: sqrt(2 / 4) with 4 df; the 95% half-width of a
+    # difference of two 2-set means is t(4) * 0.707 * 1 = 1.96 < both gaps (3.0 and 2.0)
+    assert "The ranking changes beyond the noise" in text
+    assert "`wmdd` above `random` under batch 16, full cosine (by 2.0, against 3.0" in text
+    assert "(1.96 points" not in text and "(2.0 points" in text
+    # the largest move +8.0 (wmdd); paired moves' std: random's (4-60, 2-62) -> sd 1.414,
+    # wmdd's 0 -> pooled 1.0 with 2 df; half-width t(2) * 1.0 / sqrt(2) = 3.04
+    assert "The largest move is +8.0 points (`wmdd`, batch 16, full cosine; ± 3.0 at 95%" in text
+
+
+def test_pooled_sd_and_half_width_by_hand() -> None:
+    sd, df = pooled_sd(pd.Series([1.0, 2.0, float("nan")]), pd.Series([3, 2, 1]))
+    assert df == 3 and sd == pytest.approx(((2 * 1.0 + 1 * 4.0) / 3) ** 0.5)
+    assert half_width(2.0, 10, n_a=4) == pytest.approx(2.2281388 * 2.0 / 2)
+    assert half_width(2.0, 10, n_a=4, n_b=4) == pytest.approx(2.2281388 * 2.0 * 0.5**0.5)
+    assert pooled_sd(pd.Series([float("nan")]), pd.Series([1])) == (
+        pytest.approx(float("nan"), nan_ok=True),
+        0,
+    )
+
+
+def test_a_reordering_within_the_noise_is_not_called_a_change() -> None:
+    df = _panel(
+        {
+            ("random", 100, "full"): [60.0, 64.0],
+            ("random", 16, "full"): [61.0, 63.0],
+            ("wmdd", 100, "full"): [61.0, 62.0],
+            ("wmdd", 16, "full"): [62.0, 63.0],
+        }
+    )
+    text = "\n".join(render_panel(df))
+    assert "beyond the noise" not in text and "does not change" not in text
+    assert "The order also changes, `wmdd` above `random` under batch 16, full cosine" in text
+    assert "within the noise" in text
+
+
+def test_one_set_per_cell_is_not_evidence_of_a_reordering() -> None:
+    df = _panel(
+        {
+            ("random", 100, "full"): [60.0],
+            ("random", 16, "full"): [55.0],
+            ("wmdd", 100, "full"): [58.0],
+            ("wmdd", 16, "full"): [59.0],
+        }
+    )
+    text = "\n".join(render_panel(df))
+    assert "one set: its spread is not measured" in text
+    assert "not evidence of a reordering by itself" in text and "beyond the noise" not in text
 
 
 def test_panel_without_a_rank_change_says_so() -> None:
