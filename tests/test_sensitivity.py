@@ -221,7 +221,10 @@ def test_a_reordering_within_the_noise_is_not_called_a_change() -> None:
     text = "\n".join(render_panel(df))
     assert "beyond the noise" not in text and "does not change" not in text
     assert "The order also changes, `wmdd` above `random` under batch 16, full cosine" in text
-    assert "within the noise" in text
+    # per-set std pooled over the cells: sqrt((8 + 2 + 0.5 + 0.5) / 4) = 1.658 with 4 df;
+    # the half-width of a difference of two 2-set means is t(4) * 1.658 = 4.6 > the gaps
+    assert "in each pair the smaller of the two gaps is under" in text
+    assert "(4.6 points; per-set std 1.7 pooled over the panel, 4 df)" in text
 
 
 def test_one_set_per_cell_is_not_evidence_of_a_reordering() -> None:

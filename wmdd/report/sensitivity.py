@@ -104,10 +104,6 @@ def _order(scores: dict[str, float]) -> str:
     return " > ".join(f"{m} {scores[m]:.1f}" for m in ranked)
 
 
-def _ranking(scores: dict[str, float]) -> tuple[str, ...]:
-    return tuple(sorted(scores, key=lambda m: -scores[m]))
-
-
 def render_panel(df: pd.DataFrame) -> list[str]:
     """The panel's Markdown: the table of every method and variant, the methods' order under
     each, and one generated sentence on what the knobs do."""
@@ -185,15 +181,14 @@ def panel_sentence(
     orders: dict[str, dict[str, float]],
     *,
     reference: str,
-    sets: dict[str, dict[str, int]] | None = None,
+    sets: dict[str, dict[str, int]],
 ) -> str:
     """What the panel shows, generated, with its noise: the largest move with its 95%
     half-width (from the paired moves' std pooled over the panel), and every pair of methods a
     knob reorders, with their gaps and whether both gaps exceed the noise of a difference of
     two methods' means (the per-set std pooled over the panel's cells). With one set per cell
     no spread is measured, and the sentence says so rather than calling a reordering real.
-    ``sets``: per setting, the sets behind each method's score (default: all ``n`` of the
-    reference)."""
+    ``sets``: per setting (the keys of ``orders``), the sets behind each method's score."""
     move_sd, move_df = pooled_sd(summary.move_sd, summary.n)
     set_sd, set_df = pooled_sd(summary.sd, summary.n)
     moves = summary[summary.move != 0].move.dropna()
@@ -214,16 +209,13 @@ def panel_sentence(
             f"{_variant_name(b, schedule)}; {noise})."
         )
     ref = orders[reference]
-    n_of = sets or {}
     real: list[tuple[str, float]] = []
     within: list[tuple[str, float]] = []
     for name, scores in orders.items():
         if name == reference or set(scores) != set(ref):
             continue
         for a, b in _swaps(ref, scores):
-            ns = n_of.get(name, {})
-            n_a, n_b = ns.get(a, 1), ns.get(b, 1)
-            h = half_width(set_sd, set_df, n_a=n_a, n_b=n_b)
+            h = half_width(set_sd, set_df, n_a=sets[name][a], n_b=sets[name][b])
             gap_ref, gap = ref[a] - ref[b], scores[b] - scores[a]
             text = (
                 f"`{b}` above `{a}` under {name} (by {gap:.1f}, against {gap_ref:.1f} the other "
@@ -244,9 +236,9 @@ def panel_sentence(
             "with one set per cell the spread between sets is not measured, so this is not "
             "evidence of a reordering by itself"
             if any(math.isnan(h) for h in hs)
-            else f"within the noise: a gap under {max(hs):.1f} points is within the 95% "
-            f"half-width of a difference of two methods' means (per-set std {set_sd:.1f} "
-            f"pooled over the panel, {set_df} df)"
+            else f"within the noise: in each pair the smaller of the two gaps is under the "
+            f"95% half-width of a difference of two methods' means ({max(hs):.1f} points; "
+            f"per-set std {set_sd:.1f} pooled over the panel, {set_df} df)"
         )
         parts.append("The order also changes, " + "; ".join(t for t, _ in within) + f": {noise}.")
     if not real and not within:
