@@ -27,6 +27,8 @@ BENCH_DOCKERFILE = DOCKER / "Dockerfile"
 MLFLOW_DOCKERFILE = DOCKER / "mlflow.Dockerfile"
 COMPOSE = DOCKER / "docker-compose.yml"
 DOCKERFILES = [BENCH_DOCKERFILE, MLFLOW_DOCKERFILE]
+# PostgreSQL for the team profile where no image can be pulled (postgres:15-bookworm otherwise).
+POSTGRES_DOCKERFILE = DOCKER / "postgres.Dockerfile"
 # Tools installed in the test environment's bin/ first, then anything on PATH.
 TOOL_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
@@ -223,6 +225,21 @@ def test_images_run_as_non_root_from_an_overridable_base(dockerfile: Path) -> No
     assert (DOCKER / "certs").is_dir()
 
 
+def test_local_postgres_image_starts_like_the_official_one() -> None:
+    """Non-root, on the local base, the official image's first-start variables, and the
+    compose file's ``postgres -c ...`` command runs through its entrypoint."""
+    users = _args(POSTGRES_DOCKERFILE, "USER")
+    assert users and users[-1] == "999:999"  # the official image's postgres user
+    assert _args(POSTGRES_DOCKERFILE, "FROM") == ["${BASE_IMAGE}"]
+    assert _args(POSTGRES_DOCKERFILE, "ENTRYPOINT") == ['["postgres-entrypoint.sh"]']
+    script = DOCKER / "postgres-entrypoint.sh"
+    assert os.access(script, os.X_OK), "COPY keeps the mode: the script must be executable"
+    text = script.read_text()
+    for var in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "PGDATA"):
+        assert f"${var}" in text or f"${{{var}" in text
+    assert 'exec "$@"' in text and "--auth-host=scram-sha-256" in text
+
+
 # --- the MLflow server image ---------------------------------------------------------------
 
 
@@ -325,7 +342,7 @@ def _tool(name: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, POSTGRES_DOCKERFILE], ids=lambda p: p.name)
 def test_hadolint_accepts_dockerfile(dockerfile: Path) -> None:
     proc = subprocess.run(
         [_tool("hadolint"), "--no-color", "--failure-threshold", "info", str(dockerfile)],
