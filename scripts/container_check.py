@@ -17,6 +17,10 @@ What a new user does by hand (docker/README.md), timed, on a throwaway copy of t
    container runs as root;
 6. stops the stack and deletes its volume (``--keep`` leaves both).
 
+``--restart-mlflow S`` restarts the MLflow service S seconds into the run: the benchmark must
+still finish with every stage's run in the server (stages wait for the server for
+``WMDD_TRACKING_TIMEOUT``, 120 s in compose, and MLflow's client retries its requests).
+
 ``--team`` runs the same over ``docker-compose.team.yml``: PostgreSQL as the backend store and
 MLflow's basic-auth app, with fresh random passwords written to the copy's ``team.env`` and
 ``auth.ini`` (never to yours); the admin creates the ``bench`` account over the REST API, and
@@ -261,11 +265,21 @@ class Check:
         logs = self.compose("logs", "--tail", "40", "mlflow", check=False).stdout
         raise RuntimeError(f"the MLflow service was not healthy within {timeout:.0f} s:\n{logs}")
 
-    def run_bench(self, command: list[str]) -> int:
-        """``run -d`` + ``docker wait``: the exit status survives a slow or dropped client."""
+    def run_bench(self, command: list[str], restart_after: float = 0) -> int:
+        """``run -d`` + ``docker wait``: the exit status survives a slow or dropped client.
+        ``restart_after`` > 0: the MLflow service is restarted that many seconds in."""
         name = f"{self.project}_bench_check"
         self.compose("run", "-d", "--name", name, "bench", *command)
         self.details["bench_container"] = name
+        if restart_after > 0:
+            time.sleep(restart_after)
+            state = _sh(["docker", "inspect", "--format", "{{.State.Running}}", name]).stdout
+            start = time.perf_counter()
+            self.compose("restart", "mlflow")
+            self.wait_healthy()
+            took = round(time.perf_counter() - start, 1)
+            self.record("MLflow restarted while bench ran", state.strip() == "true",
+                        f"{restart_after:g} s in, healthy again after {took} s")  # fmt: skip
         status = int(_sh(["docker", "wait", name]).stdout.strip())
         logs = _sh(["docker", "logs", name], check=False)
         (self.work / "bench.log").write_text(logs.stdout + logs.stderr)
@@ -287,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--team", action="store_true", help="over docker-compose.team.yml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a params override (as dvc exp run -S); repeatable")  # fmt: skip
+    p.add_argument("--restart-mlflow", type=float, default=0, metavar="SECONDS",
+                   help="restart the MLflow service this long into the run")  # fmt: skip
     p.add_argument("--no-build", action="store_true", help="use the images already built")
     p.add_argument("--keep", action="store_true", help="leave the stack, volume and copy")
     p.add_argument("--json", type=Path, help="write times, sizes and checks here")
@@ -335,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                       {"username": "bench", "password": pw["bench"]}, auth)  # fmt: skip
             mine = http_status(search, ("bench", pw["bench"]))
             check.record("the bench account is let in", mine == 200, mine)
-        status = check.step("bench run (detached)", check.run_bench, [])
+        status = check.step("bench run (detached)", check.run_bench, [], args.restart_mlflow)
         check.record("bench exited 0", status == 0, f"exit {status}, log {work / 'bench.log'}")
         for rel in ("reports/benchmark.md", "dvc.lock"):
             path = work / rel

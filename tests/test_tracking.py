@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -176,6 +177,46 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
+
+
+def _health_server_after(port: int, delay: float) -> threading.Thread:
+    """Starts answering ``GET /health`` with 200 on ``port`` after ``delay`` seconds."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    def serve() -> None:
+        time.sleep(delay)
+        with HTTPServer(("127.0.0.1", port), Health) as server:
+            server.handle_request()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_server_being_restarted_is_waited_for_within_the_timeout() -> None:
+    from wmdd.tracking.store import TrackingError, check_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(TrackingError, match="not reachable"):
+        check_server(f"http://127.0.0.1:{port}", timeout=1.5)  # nothing listens: fails fast
+    assert time.perf_counter() - start < 5
+    thread = _health_server_after(port, delay=2.0)  # comes up while the probe is retrying
+    start = time.perf_counter()
+    check_server(f"http://127.0.0.1:{port}", timeout=30)
+    assert 1.5 < time.perf_counter() - start < 10
+    thread.join(timeout=10)
 
 
 def test_unreachable_server_fails_fast_in_one_line(work: Path) -> None:

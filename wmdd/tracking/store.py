@@ -6,9 +6,9 @@
   -s`` in two shells, the parallel runner) never race on the first use: without the lock
   two processes both try to create MLflow's tables and one dies with ``table ... already
   exists``.
-* A server URI is probed (``GET /health``, ``WMDD_TRACKING_TIMEOUT`` seconds, default 5)
-  before a stage does any work: an unreachable server is one line naming the URI, not
-  minutes of MLflow's own retries and a traceback.
+* A server URI is probed (``GET /health``, asked again every second for up to
+  ``WMDD_TRACKING_TIMEOUT`` seconds, default 5) before a stage does any work: an unreachable
+  server is one line naming the URI, not minutes of MLflow's own retries and a traceback.
 * Writes that SQLite legitimately refuses under concurrent writers (``database is
   locked``) are retried with backoff (:func:`retrying`).
 """
@@ -64,20 +64,32 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def check_server(uri: str, timeout: float | None = None) -> None:
     """Raises :class:`TrackingError` unless an ``http(s)`` tracking server answers
-    ``/health`` within ``timeout`` seconds (``$WMDD_TRACKING_TIMEOUT``, default 5)."""
+    ``/health`` within ``timeout`` seconds (``$WMDD_TRACKING_TIMEOUT``, default 5).
+
+    A server that refuses connections is asked again every second until the time is up,
+    so a server being restarted (``docker-compose restart mlflow``) is waited for when the
+    timeout allows it; a server that answers with an error fails at once."""
     if not uri.startswith(("http://", "https://")):
         return
     timeout = timeout or float(os.environ.get("WMDD_TRACKING_TIMEOUT", "5"))
     url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http only)
-            if response.status == 200:
-                return
-            problem = f"answered HTTP {response.status}"
-    except urllib.error.HTTPError as err:
-        problem = f"answered HTTP {err.code}"
-    except (urllib.error.URLError, OSError) as err:
-        problem = f"is not reachable ({getattr(err, 'reason', err)})"
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with urllib.request.urlopen(url, timeout=max(left, 0.5)) as response:  # noqa: S310
+                if response.status == 200:
+                    return
+                problem = f"answered HTTP {response.status}"
+            break
+        except urllib.error.HTTPError as err:
+            problem = f"answered HTTP {err.code}"
+            break
+        except (urllib.error.URLError, OSError) as err:
+            problem = f"is not reachable ({getattr(err, 'reason', err)})"
+        if deadline - time.monotonic() <= 1.0:
+            break
+        time.sleep(1.0)
     raise TrackingError(
         f"MLflow tracking server {uri} {problem} within {timeout:g} s: start it "
         "(`mlflow server --host 127.0.0.1 --port 5000 ...`, or `docker-compose up -d mlflow` in "
