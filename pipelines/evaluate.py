@@ -16,6 +16,7 @@ no output).
 
 from __future__ import annotations
 
+import argparse
 import functools
 
 from pipelines.common import open_stage, run_main
@@ -87,16 +88,11 @@ def _log_seed(mlflow, set_index: int, eval_seed: int, result: dict) -> None:
 
 
 def _peek_protocol(argv: list[str] | None) -> str:
-    """The ``--protocol`` value before the full parse (it names the stage)."""
-    import sys
-
-    words = list(sys.argv[1:] if argv is None else argv)
-    for i, word in enumerate(words):
-        if word == "--protocol" and i + 1 < len(words):
-            return words[i + 1]
-        if word.startswith("--protocol="):
-            return word.split("=", 1)[1]
-    return "soft"
+    """The ``--protocol`` value before the full parse (it names the stage); the full parser
+    checks it."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--protocol", default="soft")
+    return peek.parse_known_args(argv)[0].protocol
 
 
 if __name__ == "__main__":

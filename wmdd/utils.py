@@ -9,6 +9,7 @@ import math
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import warnings
@@ -89,6 +90,17 @@ def cosine_factor(step: int, total: int) -> float:
     step 0, 0 at step ``total``), multiplied into a base learning rate per step (teacher,
     synthesis) or per epoch (student)."""
     return 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def level_values(per_set: dict[int, list[float]]) -> list[float]:
+    """The values a cell's spread is measured on, from each distilled set's values over its
+    eval seeds: the per-set means, or, for a cell with one set, that set's eval-seed values
+    (one rule for the evaluate stage's summary and the report's tests)."""
+    if not per_set:
+        raise ValueError("level_values: no distilled set")
+    if len(per_set) > 1:
+        return [statistics.fmean(v) for v in per_set.values()]
+    return list(next(iter(per_set.values())))
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256", chunk_size: int = 1 << 20) -> str:

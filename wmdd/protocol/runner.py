@@ -28,7 +28,7 @@ from wmdd.protocol.hard import train_student_hard
 from wmdd.protocol.plan import ProtocolPlan, SeedPlan
 from wmdd.protocol.soft import OnlineLabels, StoredLabels, train_student_soft
 from wmdd.synthetic_set import SyntheticSet
-from wmdd.utils import peak_memory_mb, seeded_init, write_csv, write_json
+from wmdd.utils import level_values, peak_memory_mb, seeded_init, write_csv, write_json
 
 
 def build_student(
@@ -127,12 +127,9 @@ def summarise(per_set: dict[int, dict[int, dict]]) -> dict:
     over = "sets" if len(per_set) > 1 else "eval seeds"
     out: dict = {}
     for key in ("top1", "top5", "best_top1"):
-        if over == "sets":
-            samples = [
-                statistics.fmean(r[key] for r in seeds.values()) for seeds in per_set.values()
-            ]
-        else:
-            samples = [r[key] for r in next(iter(per_set.values())).values()]
+        samples = level_values(
+            {s: [r[key] for r in seeds.values()] for s, seeds in per_set.items()}
+        )
         out[f"{key}_mean"] = statistics.fmean(samples)
         out[f"{key}_std"] = statistics.stdev(samples) if len(samples) > 1 else 0.0
         out[f"{key}_samples"] = samples

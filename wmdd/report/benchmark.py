@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import statistics
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from wmdd import paths
 from wmdd.report.compare import welch_interval
 from wmdd.report.sensitivity import PANEL_FILE, read_panel, render_panel
 from wmdd.tracking.runs import package_versions
-from wmdd.utils import atomic_dir, atomic_file, file_digest, write_csv
+from wmdd.utils import atomic_dir, atomic_file, file_digest, level_values, write_csv
 
 # Published ResNet-18 top-1 (%) from the WMDD paper's main table (Liu et al., Table 1), keyed by
 # dataset registry name, then method, then IPC. The Random and DM rows were measured by
@@ -178,14 +177,6 @@ def per_set_top1(metrics: dict[str, float]) -> dict[int, list[float]]:
     return {s: [v for _, v in sorted(seeds.items())] for s, seeds in sorted(found.items())}
 
 
-def level_samples(per_set: dict[int, list[float]]) -> list[float]:
-    """The values a cell's spread is measured on (``wmdd.protocol.runner.summarise``): the
-    per-set means, or the eval seeds' values when the cell has one set."""
-    if len(per_set) > 1:
-        return [statistics.fmean(v) for v in per_set.values()]
-    return list(next(iter(per_set.values())))
-
-
 def _md5(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (has its DVC stage run?)")
@@ -293,7 +284,7 @@ def collect_cells(
                             distill,
                             relabel,
                             diagnose,
-                            level_samples(per_set),
+                            level_values(per_set),
                             per_set,
                         )  # fmt: skip
                     )
