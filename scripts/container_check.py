@@ -229,6 +229,9 @@ class Check:
             "MLFLOW_PORT": str(port),
             "DOCKER_BUILDKIT": "0",
             "COMPOSE_DOCKER_CLI_BUILD": "0",
+            # Creating the bench container copies the whole 7 GB image on the vfs storage
+            # driver: minutes, beyond docker-compose's default 60 s per request.
+            "COMPOSE_HTTP_TIMEOUT": os.environ.get("COMPOSE_HTTP_TIMEOUT", "900"),
         }
         if team:
             self.env["POSTGRES_PORT"] = str(free_port())
@@ -328,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
             auth = ("admin", pw["admin"])
         if os.getuid() == 0:
             _sh(["chown", "-R", f"{uid}:{gid}", str(work)])
+            # What the images' cached layers were built from keeps its owner: the legacy
+            # builder's cache key for COPY includes the files' uid and gid.
+            _sh(
+                ["chown", "-R", "0:0", str(work / "pyproject.toml"), str(work / "docker" / "certs")]
+            )
         if not args.no_build:
             if args.team and os.environ.get("POSTGRES_IMAGE") == "wmdd-postgres":
                 check.step("build postgres image", _sh, [
