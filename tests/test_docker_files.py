@@ -320,6 +320,7 @@ def test_dockerignore_keeps_code_and_drops_local_state() -> None:
         assert _dockerignored(rel, patterns), rel
     assert _dockerignored("mlruns/0/meta.yaml", patterns)
     assert _dockerignored(".dvc/cache/files/md5/ab/cd", patterns)
+    assert _dockerignored("logs/parallel/teacher@digits.log", patterns)
     for rel in (
         "pyproject.toml",
         "dvc.yaml",
