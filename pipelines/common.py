@@ -29,7 +29,7 @@ from wmdd.distributed import Ranks, init_ranks, ranks_from_env
 from wmdd.tracking import lifecycle
 from wmdd.tracking.runs import log_dataset, stage_run
 from wmdd.tracking.store import TrackingError
-from wmdd.utils import resolve_device, set_channels_last
+from wmdd.utils import resolve_device, set_channels_last, set_threads
 
 
 class StageArgumentParser(argparse.ArgumentParser):
@@ -205,8 +205,7 @@ def open_stage(
             f"--method {args.method!r}: not a key of params.yaml's methods "
             f"(known: {', '.join(sorted(params.methods))})"
         )
-    if params.benchmark.threads > 0:
-        torch.set_num_threads(params.benchmark.threads)
+    set_threads(params.benchmark.threads)
     set_channels_last(params.benchmark.channels_last)
     ranks = ranks_from_env()
     if ranks is not None and not data_parallel:
