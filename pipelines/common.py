@@ -29,7 +29,7 @@ from wmdd.distributed import Ranks, init_ranks, ranks_from_env
 from wmdd.tracking import lifecycle
 from wmdd.tracking.runs import log_dataset, stage_run
 from wmdd.tracking.store import TrackingError
-from wmdd.utils import resolve_device, set_channels_last, set_threads
+from wmdd.utils import resolve_device, set_allocator, set_channels_last, set_threads
 
 
 class StageArgumentParser(argparse.ArgumentParser):
@@ -207,6 +207,7 @@ def open_stage(
         )
     set_threads(params.benchmark.threads)
     set_channels_last(params.benchmark.channels_last)
+    set_allocator()
     ranks = ranks_from_env()
     if ranks is not None and not data_parallel:
         raise ConfigError(f"stage {name!r} does not run data-parallel: start it without torchrun")

@@ -53,7 +53,7 @@ from wmdd.models.teacher import load_teacher
 from wmdd.protocol.plan import ProtocolPlan, protocol_hash, protocol_plan
 from wmdd.protocol.runner import evaluate_seed
 from wmdd.synthetic_set import SET_FILE, SyntheticSet
-from wmdd.utils import set_channels_last, set_threads
+from wmdd.utils import set_allocator, set_channels_last, set_threads
 
 SCHEDULES = ("full", "half")
 COLUMNS = [
@@ -125,6 +125,7 @@ def _init_worker(params_file: str, dataset: str, device: str) -> None:
     """Loads the params, the prepared data, the teacher and the validator once per process."""
     params = load_params(params_file)
     set_threads(params.benchmark.threads)
+    set_allocator()
     set_channels_last(params.benchmark.channels_last)
     dev = torch.device(device)
     data = load_data(paths.data_dir(dataset), params.profile(dataset).data)

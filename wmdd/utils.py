@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
 import os
+import platform
 import resource
 import shutil
 import statistics
@@ -70,6 +72,62 @@ def set_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
     _BLAS_LIMITS = threadpool_limits(limits=torch.get_num_threads())
+
+
+# What set_allocator did in this process (tagged ``allocator`` on every MLflow run).
+_ALLOCATOR = "system"
+
+_MALLOC_POLICIES = ("retain", "system")
+_M_TRIM_THRESHOLD = -1  # glibc <malloc.h> mallopt parameters
+_M_MMAP_MAX = -4
+_RETAIN_BYTES = 1 << 30
+
+
+def set_allocator(policy: str | None = None) -> str:
+    """Keep freed memory in the process instead of handing it back to the kernel (glibc).
+
+    glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh
+    ``mmap`` and returns it with ``munmap`` when freed, and trims the heap's free top back to
+    the kernel. A stage that allocates and frees the same large activations every step (DM
+    embeds 10 classes x 32 real images of 64 px at width 128 per iteration: 64 MiB per
+    layer) then pays a page fault per 4 KiB page on every step: about a third of DM's CPU
+    time was kernel time. ``"retain"`` (the default) turns mmap-served allocations off and
+    raises the trim threshold to 1 GiB, so freed blocks are reused from the heap. It changes
+    no result (the same memory holds the same values; tested byte for byte on DM), only
+    speed and the resident peak (a few percent higher). ``"system"`` leaves glibc as it is.
+
+    Args:
+        policy: ``"retain"`` or ``"system"``; ``None`` reads ``WMDD_MALLOC`` (default
+            ``"retain"``).
+
+    Returns:
+        What was done, as tagged on runs: ``"glibc-retain"``, or ``"system"`` where the
+        policy is ``"system"`` or the C library is not glibc (macOS, musl: nothing to do).
+
+    Raises:
+        ValueError: on an unknown policy, naming ``WMDD_MALLOC`` and the accepted values.
+    """
+    global _ALLOCATOR
+    if policy is None:
+        policy = os.environ.get("WMDD_MALLOC", "retain") or "retain"
+    if policy not in _MALLOC_POLICIES:
+        raise ValueError(f"WMDD_MALLOC={policy!r}: expected one of {', '.join(_MALLOC_POLICIES)}")
+    _ALLOCATOR = "system"
+    if policy == "retain" and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+        mallopt = getattr(libc, "mallopt", None)
+        if (
+            mallopt is not None
+            and mallopt(_M_MMAP_MAX, 0) == 1
+            and mallopt(_M_TRIM_THRESHOLD, _RETAIN_BYTES) == 1
+        ):
+            _ALLOCATOR = "glibc-retain"
+    return _ALLOCATOR
+
+
+def allocator() -> str:
+    """What :func:`set_allocator` did in this process (``"system"`` if never called)."""
+    return _ALLOCATOR
 
 
 def set_channels_last(enabled: bool) -> None:

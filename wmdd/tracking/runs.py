@@ -40,7 +40,7 @@ import torch
 
 from wmdd.tracking import lifecycle
 from wmdd.tracking.store import RetryingMlflow, ensure_experiment, retrying, tracking_uri
-from wmdd.utils import channels_last, file_digest
+from wmdd.utils import allocator, channels_last, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,7 @@ def stage_run(
         "device": device_description(device),
         "threads": str(torch.get_num_threads()),
         "memory_format": "channels_last" if channels_last() else "contiguous",
+        "allocator": allocator(),
         **lifecycle.process_tags(),
         **{f"version.{k}": v for k, v in package_versions().items()},
         **input_tags(inputs),
