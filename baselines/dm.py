@@ -69,11 +69,11 @@ from tqdm.auto import tqdm
 
 from wmdd.augment.dsa import DSAConfig, dsa, dsa_augment
 from wmdd.checkpoint import Checkpointer, loop_state
-from wmdd.config import check_ranges
+from wmdd.config import Precision, check_ranges
 from wmdd.data.prepared import TrainingImages
 from wmdd.models.registry import create_model
 from wmdd.synthetic_set import SyntheticSet
-from wmdd.utils import derive_seed, generator, seeded_init
+from wmdd.utils import autocast, derive_seed, generator, seeded_init
 
 EmbedFn = Callable[[Tensor], Tensor]
 
@@ -111,6 +111,10 @@ class DMConfig:
     feature_space: Literal["embedder", "teacher"] = "embedder"
     # Rescale every image to its initial norm after each step (off: the official code).
     renorm: bool = False
+    # "fp32" (default, the official numerics) or "bf16": the embedder's forward on the real
+    # and synthetic batches under bfloat16 autocast, the loss in float32 (opt-in; README
+    # "Performance"); a bf16 set is its own report row, ``dm (bf16)``.
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -275,13 +279,20 @@ def _class_loss(
     *,
     dsa_generator: torch.Generator | None,
     dsa_config: DSAConfig,
+    precision: Precision = "fp32",
 ) -> Tensor:
-    """DM loss of one class: real (n, C, H, W) vs synthetic (k, C, H, W)."""
+    """DM loss of one class: real (n, C, H, W) vs synthetic (k, C, H, W).
+
+    The augmentation runs in float32; under ``precision="bf16"`` the embedder's forwards run
+    under autocast and the embeddings are cast back to float32 before the class means, so
+    the loss and the pixels' gradient stay float32."""
     if dsa_generator is not None:
         real, syn = siamese_dsa(real, syn, generator=dsa_generator, config=dsa_config)
-    with torch.no_grad():
-        embed_real = embed(real)  # (n, D)
-    return dm_loss([embed_real], [embed(syn)])
+    with autocast(precision, real.device):
+        with torch.no_grad():
+            embed_real = embed(real)  # (n, D)
+        embed_syn = embed(syn)  # (k, D)
+    return dm_loss([embed_real.float()], [embed_syn.float()])
 
 
 def dm_iteration(
@@ -313,6 +324,7 @@ def dm_iteration(
             syn[i * ipc : (i + 1) * ipc],
             dsa_generator=g,
             dsa_config=config.dsa_config,
+            precision=config.precision,
         )
         loss.backward()
         total = total + loss.detach()
@@ -435,6 +447,8 @@ def dm(
         else None,
         "lr": lr,
         "renorm": config.renorm,
+        # recorded only when reduced: a float32 set's file stays what it was before the setting
+        **({"precision": config.precision} if config.precision != "fp32" else {}),
     }
     timings = {"init": init_seconds, "optimise": time.perf_counter() - start - init_seconds}
     return SyntheticSet(

@@ -163,6 +163,37 @@ def test_images_move_from_real_init_and_stay_finite() -> None:
     assert out.aux["loss"].shape == (3,) and torch.isfinite(out.aux["loss"]).all()
 
 
+def test_bf16_runs_the_embedder_in_bf16_and_keeps_loss_and_pixels_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``precision="bf16"``: the embedder's convolutions return bfloat16 (autocast is on for
+    the real and the synthetic forward), the class means and the loss are float32, the
+    pixels stay float32 and end near the float32 run's; the float32 run records no
+    precision in ``aux["used"]`` (its set file is what it was before the setting)."""
+    data = tiny_prepared(res=8)
+    seen: list[torch.dtype] = []
+    make = dm_module.make_embedder
+
+    def recording_embedder(*args, **kwargs):
+        net = make(*args, **kwargs)
+        first_conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        return net
+
+    monkeypatch.setattr(dm_module, "make_embedder", recording_embedder)
+    run = dict(teacher=None, data=data, classes=range(4), ipc=2, seed=1, device=CPU)
+    fp32 = dm(config=_small_config(), **run)
+    assert set(seen) == {torch.float32} and "precision" not in fp32.aux["used"]
+    seen.clear()
+    bf16 = dm(config=_small_config(precision="bf16"), **run)
+    assert set(seen) == {torch.bfloat16} and len(seen) == 2 * 4 * 3  # real + syn, 4 classes, 3 its
+    assert bf16.images.dtype == torch.float32 and bf16.aux["loss"].dtype == torch.float32
+    assert bf16.aux["used"]["precision"] == "bf16"
+    assert not torch.equal(bf16.images, fp32.images)  # another arithmetic...
+    assert_close(bf16.images, fp32.images, atol=0.05, rtol=0)  # ...the same optimisation
+    assert_close(bf16.aux["loss"], fp32.aux["loss"], rtol=0.05, atol=1e-3)
+
+
 def test_teacher_feature_space_runs_and_needs_a_teacher() -> None:
     data = tiny_prepared(res=8)
     teacher = create_model("tiny_cnn", num_classes=4, in_chans=3, resolution=8).eval()

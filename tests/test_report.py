@@ -1243,6 +1243,8 @@ def test_a_set_synthesised_in_bf16_is_its_own_row() -> None:
     assert _method_label("wmdd", {"method.synthesis.precision": "fp32"}) == "wmdd"
     assert _method_label("random", {}) == "random"  # no synthesis loop: float32
     assert _method_label("wmdd", {"method.synthesis.precision": "bf16"}) == "wmdd (bf16)"
+    assert _method_label("dm", {"method.precision": "fp32"}) == "dm"  # DM's own loop
+    assert _method_label("dm", {"method.precision": "bf16"}) == "dm (bf16)"
 
 
 def test_every_committed_row_has_its_image_storage() -> None:

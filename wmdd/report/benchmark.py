@@ -295,7 +295,10 @@ def _method_label(method: str, distill_params: dict[str, str]) -> str:
     """The method's row name: its registry name, marked ``(bf16)`` when its set was
     synthesised under bf16 autocast (``synthesis.precision``), so a reduced-precision row is
     never read, or compared, as the float32 method."""
-    precision = distill_params.get("method.synthesis.precision", "fp32")
+    precision = distill_params.get(
+        "method.synthesis.precision",  # the shared synthesis loop (WMDD, SRe2L, FADRM)
+        distill_params.get("method.precision", "fp32"),  # DM's own loop
+    )
     return method if precision == "fp32" else f"{method} ({precision})"
 
 
