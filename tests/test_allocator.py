@@ -101,3 +101,16 @@ def test_a_c_library_other_than_glibc_is_left_alone(monkeypatch) -> None:
     monkeypatch.setattr(utils.platform, "libc_ver", lambda: ("", ""))
     assert utils.set_allocator("retain") == "system"
     assert utils.allocator() == "system"
+
+
+@glibc_only
+def test_every_stage_keeps_freed_memory_and_says_so() -> None:
+    """``open_stage`` (every stage's start) applies the policy; the run tag reads it."""
+    code = (
+        "from pipelines.common import open_stage\n"
+        "from wmdd.utils import allocator\n"
+        "open_stage('prepare', None, ['--dataset', 'digits', '--params', 'params.yaml'])\n"
+        "print(allocator())"
+    )
+    assert _python(code) == "glibc-retain"
+    assert _python(code, WMDD_MALLOC="system") == "system"
