@@ -12,7 +12,8 @@ profile's shapes (no prepared data needed):
 * **teacher train step**: the profile's teacher architecture, one SGD step on a batch of
   its ``batch_size`` at its resolution.
 
-It prints wall seconds per step, the kernel (system) seconds, minor page faults per step
+With ``--dm-precision fp32 bf16`` DM is timed in both precisions (``methods.dm.precision``),
+and the bf16 speed-up is printed. It prints wall seconds per step, the kernel (system) seconds, minor page faults per step
 and the resident peak (medians over ``--repeats`` processes per policy), and checks that
 DM's images are byte-identical under both policies. Run it alone on the machine.
 """
@@ -80,7 +81,9 @@ def probe(args: argparse.Namespace) -> dict:
     if args.probe_work == "dm":
         from baselines.dm import dm
 
-        config = method_config(params, "dm", args.dataset)
+        config = dataclasses.replace(
+            method_config(params, "dm", args.dataset), precision=args.probe_precision
+        )
         data = _random_data(args.classes, max(config.real_per_class, args.ipc) * 2, res)
         steps = args.steps
 
@@ -134,7 +137,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--probe-policy", choices=POLICIES, help=argparse.SUPPRESS)
+    parser.add_argument("--dm-precision", nargs="+", default=["fp32"], choices=("fp32", "bf16"),
+                        help="DM rows to time (methods.dm.precision); bf16 also tests autocast")  # fmt: skip
     parser.add_argument("--probe-work", choices=("dm", "train"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe-precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_policy:
         print(json.dumps(probe(args)))
@@ -146,11 +152,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), "
           f"load average before {os.getloadavg()[0]:.2f}\n")  # fmt: skip
     rows = []
-    for work, label in (("dm", f"DM iteration, IPC {args.ipc}"), ("train", "teacher train step")):
+    dm_retain: dict[str, float] = {}
+    works = [("dm", f"DM iteration, IPC {args.ipc}, {p}", p) for p in args.dm_precision]
+    for work, label, precision in [*works, ("train", "teacher train step", "fp32")]:
         results: dict[str, list[dict]] = {p: [] for p in POLICIES}
         for _ in range(args.repeats):
             for policy in POLICIES:
-                cmd = [sys.executable, __file__, "--probe-policy", policy, "--probe-work", work]
+                cmd = [sys.executable, __file__, "--probe-policy", policy, "--probe-work", work,
+                       "--probe-precision", precision]  # fmt: skip
                 for key in ("dataset", "ipc", "classes", "steps", "threads", "params"):
                     cmd += [f"--{key}", str(getattr(args, key))]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -164,6 +173,8 @@ def main() -> None:
         }
         digests = {r["digest"] for rs in results.values() for r in rs}
         same = "n/a" if digests == {""} else ("yes" if len(digests) == 1 else "NO")
+        if work == "dm":
+            dm_retain[precision] = med["retain"]["wall"]
         sysd, ret = med["system"], med["retain"]
         rows.append(
             f"| {label} | {sysd['wall']:.3f} s | {ret['wall']:.3f} s | "
@@ -176,6 +187,8 @@ def main() -> None:
           "per step | resident peak | identical output |")  # fmt: skip
     print("|---|---:|---:|---:|---|---|---|---|")
     print("\n".join(rows))
+    if len(dm_retain) == 2:
+        print(f"\nDM bf16 against fp32 (retain): {dm_retain['fp32'] / dm_retain['bf16']:.2f}x")
 
 
 if __name__ == "__main__":
