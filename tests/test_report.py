@@ -1259,3 +1259,6 @@ def test_every_committed_row_has_its_image_storage() -> None:
     nette = pd.read_csv(root / "imagenette_cpu/results.csv")
     missing = set(nette[~(nette.image_bytes > 0)].method)
     assert missing <= {"wmdd"}
+    cifar = pd.read_csv(root / "cifar10_cpu/results.csv")  # every method, both protocols
+    assert (cifar.image_bytes > 0).all()
+    assert len(cifar) == 7 * 2 * 2 and set(cifar.protocol) == {"soft", "hard"}
