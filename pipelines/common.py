@@ -178,6 +178,14 @@ class NullRun:
         return lambda *args, **kwargs: None
 
 
+def configure_process(benchmark: BenchmarkConfig) -> None:
+    """The process-wide settings every stage process (and worker) starts with: torch and
+    BLAS threads, the models' memory format, the allocator policy (``WMDD_MALLOC``)."""
+    set_threads(benchmark.threads)
+    set_channels_last(benchmark.channels_last)
+    set_allocator()
+
+
 def open_stage(
     name: str,
     doc: str | None,
@@ -205,9 +213,7 @@ def open_stage(
             f"--method {args.method!r}: not a key of params.yaml's methods "
             f"(known: {', '.join(sorted(params.methods))})"
         )
-    set_threads(params.benchmark.threads)
-    set_channels_last(params.benchmark.channels_last)
-    set_allocator()
+    configure_process(params.benchmark)
     ranks = ranks_from_env()
     if ranks is not None and not data_parallel:
         raise ConfigError(f"stage {name!r} does not run data-parallel: start it without torchrun")

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipelines.common import open_stage, run_main
+from pipelines.common import configure_process, open_stage, run_main
 from wmdd import paths
 from wmdd.config import ConfigError, SoftProtocolConfig, load_params
 from wmdd.data import load_data
@@ -53,7 +53,6 @@ from wmdd.models.teacher import load_teacher
 from wmdd.protocol.plan import ProtocolPlan, protocol_hash, protocol_plan
 from wmdd.protocol.runner import evaluate_seed
 from wmdd.synthetic_set import SET_FILE, SyntheticSet
-from wmdd.utils import set_allocator, set_channels_last, set_threads
 
 SCHEDULES = ("full", "half")
 COLUMNS = [
@@ -124,9 +123,7 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(params_file: str, dataset: str, device: str) -> None:
     """Loads the params, the prepared data, the teacher and the validator once per process."""
     params = load_params(params_file)
-    set_threads(params.benchmark.threads)
-    set_allocator()
-    set_channels_last(params.benchmark.channels_last)
+    configure_process(params.benchmark)
     dev = torch.device(device)
     data = load_data(paths.data_dir(dataset), params.profile(dataset).data)
     _WORKER.update(

@@ -12,10 +12,11 @@ profile's shapes (no prepared data needed):
 * **teacher train step**: the profile's teacher architecture, one SGD step on a batch of
   its ``batch_size`` at its resolution.
 
-With ``--dm-precision fp32 bf16`` DM is timed in both precisions (``methods.dm.precision``),
-and the bf16 speed-up is printed. It prints wall seconds per step, the kernel (system) seconds, minor page faults per step
-and the resident peak (medians over ``--repeats`` processes per policy), and checks that
-DM's images are byte-identical under both policies. Run it alone on the machine.
+With ``--dm-precision fp32 bf16`` DM is timed in both precisions (``methods.dm.precision``)
+and the bf16 speed-up is printed. It prints wall seconds per step, the kernel (system)
+seconds, minor page faults per step and the resident peak (medians over ``--repeats``
+processes per policy), and checks that DM's images are byte-identical under both policies.
+Run it alone on the machine.
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ glibc_only = pytest.mark.skipif(
 
 FAULTS = """
 import json, resource, torch
-from wmdd.utils import set_allocator
-done = set_allocator({policy!r})
+from wmdd.utils import allocator, set_allocator
+{calls}
+done = allocator()
 
 def step():  # a training step's pattern: a large activation and small temporaries
     x = torch.ones(8 << 20)  # 32 MiB, above glibc's largest mmap threshold
@@ -76,11 +77,15 @@ def _python(code: str, **env: str) -> str:
 @glibc_only
 def test_retain_reuses_freed_memory_where_glibc_would_fault_every_page_again() -> None:
     pages = (32 << 20) // 4096  # 8192 pages per 32 MiB tensor
-    system = json.loads(_python(FAULTS.format(policy="system")))
-    retain = json.loads(_python(FAULTS.format(policy="retain")))
-    assert system["done"] == "system" and retain["done"] == "glibc-retain"
+    system = json.loads(_python(FAULTS.format(calls="set_allocator('system')")))
+    retain = json.loads(_python(FAULTS.format(calls="set_allocator('retain')")))
+    undone = json.loads(
+        _python(FAULTS.format(calls="set_allocator('retain'); set_allocator('system')"))
+    )
+    assert system["done"] == undone["done"] == "system" and retain["done"] == "glibc-retain"
     assert system["faults"] >= 20 * pages * 0.9  # every tensor faulted in afresh
     assert retain["faults"] < pages  # reused: not one tensor's worth in 20 steps
+    assert undone["faults"] >= 20 * pages * 0.9  # "system" after "retain" is glibc's again
 
 
 @glibc_only
@@ -99,6 +104,7 @@ def test_the_policy_comes_from_wmdd_malloc_and_a_bad_value_is_named() -> None:
 
 def test_a_c_library_other_than_glibc_is_left_alone(monkeypatch) -> None:
     monkeypatch.setattr(utils.platform, "libc_ver", lambda: ("", ""))
+    monkeypatch.setattr(utils, "_ALLOCATOR", "system")  # as in a fresh process
     assert utils.set_allocator("retain") == "system"
     assert utils.allocator() == "system"
 

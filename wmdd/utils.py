@@ -54,9 +54,6 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
 
 
-_BLAS_LIMITS: Any = None
-
-
 def set_threads(threads: int) -> None:
     """``threads`` torch intra-op threads (0: torch's default, one per core), and the same
     number for the BLAS and OpenMP libraries numpy and scikit-learn call (threadpoolctl).
@@ -65,13 +62,13 @@ def set_threads(threads: int) -> None:
     count changes the order in which a BLAS kernel sums, and launchers set it differently
     (Dask's nanny exports ``OPENBLAS_NUM_THREADS=1`` and friends to its workers, a shell
     leaves OpenBLAS one thread per core), which made the parallel runner's WMDD barycenters
-    differ from ``dvc repro``'s in the last bits."""
-    global _BLAS_LIMITS
+    differ from ``dvc repro``'s in the last bits. The limit holds for the rest of the process
+    (threadpoolctl restores only on ``__exit__``, which is never called here)."""
     from threadpoolctl import threadpool_limits
 
     if threads > 0:
         torch.set_num_threads(threads)
-    _BLAS_LIMITS = threadpool_limits(limits=torch.get_num_threads())
+    threadpool_limits(limits=torch.get_num_threads())
 
 
 # What set_allocator did in this process (tagged ``allocator`` on every MLflow run).
@@ -81,6 +78,7 @@ _MALLOC_POLICIES = ("retain", "system")
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h> mallopt parameters
 _M_MMAP_MAX = -4
 _RETAIN_BYTES = 1 << 30
+_GLIBC_DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 * 1024}  # glibc's documented ones
 
 
 def set_allocator(policy: str | None = None) -> str:
@@ -112,16 +110,15 @@ def set_allocator(policy: str | None = None) -> str:
         policy = os.environ.get("WMDD_MALLOC", "retain") or "retain"
     if policy not in _MALLOC_POLICIES:
         raise ValueError(f"WMDD_MALLOC={policy!r}: expected one of {', '.join(_MALLOC_POLICIES)}")
-    _ALLOCATOR = "system"
-    if policy == "retain" and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL(None)
-        mallopt = getattr(libc, "mallopt", None)
-        if (
-            mallopt is not None
-            and mallopt(_M_MMAP_MAX, 0) == 1
-            and mallopt(_M_TRIM_THRESHOLD, _RETAIN_BYTES) == 1
-        ):
-            _ALLOCATOR = "glibc-retain"
+    wanted = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: _RETAIN_BYTES}
+    if policy == "system":
+        if _ALLOCATOR != "glibc-retain":
+            return _ALLOCATOR  # never changed: glibc's own (adaptive) defaults stand
+        wanted = _GLIBC_DEFAULTS  # undo an earlier "retain" in this process
+    if platform.libc_ver()[0] == "glibc":
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+        if mallopt is not None and all(mallopt(k, v) == 1 for k, v in wanted.items()):
+            _ALLOCATOR = "glibc-retain" if policy == "retain" else "system"
     return _ALLOCATOR
 
 
