@@ -129,7 +129,7 @@ def shards(work: Path, source: str, teacher_epochs: int | None) -> None:
 
 
 RUNNING = re.compile(r"Running stage '([^']+)'")
-LOCKED = re.compile(r"Updating lock file")
+LOCKED = re.compile(r"(?:Updating|Generating) lock file")
 TASK_DONE = re.compile(r"(?:\[\d+/\d+\] )?(\S+@\S+?)(?: classes \S+)?: done in ([0-9.]+) s")
 
 
@@ -181,6 +181,11 @@ def timed_stages(cmd: list[str], cwd: Path, parallel: bool, core: int | None = N
                 calls[-1]["seconds"] = now - start
                 wall_file.write_text(json.dumps(calls))
         code = proc.wait()
+        if current is not None and code == 0:  # DVC printed no lock line after the last stage
+            record.write(
+                json.dumps({"stage": current[0], "seconds": time.perf_counter() - current[1]})
+                + "\n"
+            )
         calls[-1].update(seconds=time.perf_counter() - start, load_after=os.getloadavg()[0])
         wall_file.write_text(json.dumps(calls))
     if code != 0:
@@ -252,7 +257,7 @@ def commits(work: Path, args: argparse.Namespace) -> None:
     for stage in stages:
         b, h, p = (times[n].get(stage, math.nan) for n in ("base", "head", "head-parallel"))
         print(f"| `{stage}` | {b:.0f} | {h:.0f} | {b / h:.2f}x | {p:.0f} |")
-    sums = {n: sum(t.values()) for n, t in times.items()}
+    sums = {n: sum(t.values()) or math.nan for n, t in times.items()}
     print(f"| **sum** | {sums['base']:.0f} | {sums['head']:.0f} | "
           f"{sums['base'] / sums['head']:.2f}x | {sums['head-parallel']:.0f} |")  # fmt: skip
     print(f"\nwall: base {walls['base']:.0f} s, HEAD {walls['head']:.0f} s "
