@@ -1259,6 +1259,7 @@ def test_every_committed_row_has_its_image_storage() -> None:
     nette = pd.read_csv(root / "imagenette_cpu/results.csv")
     missing = set(nette[~(nette.image_bytes > 0)].method)
     assert missing <= {"wmdd"}
-    cifar = pd.read_csv(root / "cifar10_cpu/results.csv")  # every method, both protocols
-    assert (cifar.image_bytes > 0).all()
-    assert len(cifar) == 7 * 2 * 2 and set(cifar.protocol) == {"soft", "hard"}
+    for profile in ("cifar10_cpu", "tiny_cpu"):  # every method and IPC, both protocols
+        table = pd.read_csv(root / profile / "results.csv")
+        assert (table.image_bytes > 0).all(), profile
+        assert len(table) == 7 * 2 * 2 and set(table.protocol) == {"soft", "hard"}, profile
