@@ -56,14 +56,16 @@ def clone(dest: Path) -> Path:
     return dest
 
 
+def stage_env() -> dict[str, str]:
+    """This environment with the venv's tools first, no DVC analytics, and the copy's own
+    MLflow store (no inherited tracking URI)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def run(cmd: list[str], cwd: Path, **env: str) -> float:
-    full_env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        **env,
-    }
-    full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env = {**stage_env(), **env}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -113,7 +115,7 @@ def shards(work: Path, source: str, teacher_epochs: int | None) -> None:
     t_one = run(cmd, repo)
     one = (repo / "distilled/tiny_cpu/wmdd/ipc10/set0/set.pt").read_bytes()
     print(f"one process: {t_one:.0f} s")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = stage_env()
     start = time.perf_counter()
     procs = [subprocess.Popen([*cmd, "--classes", r], cwd=repo, env=env, stderr=subprocess.DEVNULL)
              for r in ("0:100", "100:200")]  # fmt: skip
@@ -149,8 +151,7 @@ def timed_stages(cmd: list[str], cwd: Path, parallel: bool, core: int | None = N
     stage's seconds to ``bench_stages.jsonl`` and this call's elapsed wall time to
     ``bench_wall.json`` as stages finish (so an interrupted call still counts up to its
     last stage); returns the wall seconds of all calls in this copy so far."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = stage_env()
     wall_file = cwd / "bench_wall.json"
     calls = json.loads(wall_file.read_text()) if wall_file.exists() else []
     calls.append({"seconds": 0.0, "load_before": os.getloadavg()[0], "core": core})
